@@ -1,0 +1,27 @@
+"""Analysis of a kdsearch study: reads its Parquet tables only (never torch, ray or kdcore)."""
+
+from analysis.constants import GROUPS, PAPER_ACC
+from analysis.importance import param_importance
+from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
+from analysis.report import export_comparison, write_report
+from analysis.stats import best_configs, compare_groups, health_check, holm
+from analysis.tables import Study, latest_attempt, load_study
+
+__all__ = [
+    "GROUPS",
+    "PAPER_ACC",
+    "Study",
+    "best_configs",
+    "compare_groups",
+    "export_comparison",
+    "health_check",
+    "holm",
+    "latest_attempt",
+    "load_study",
+    "param_importance",
+    "plot_asha",
+    "plot_learning_curves",
+    "plot_robustness",
+    "plot_test_accuracy",
+    "write_report",
+]

@@ -1,0 +1,85 @@
+"""Hyperparameter importance per group with optuna's fANOVA over the trials table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.distributions import FloatDistribution
+from optuna.importance import FanovaImportanceEvaluator
+
+from analysis.constants import USABLE_STATUSES, ordered_groups
+
+MIN_TRIALS = 3
+"""Fewer usable trials than this and a group's importance is not computed."""
+
+
+def distribution(spec: Mapping[str, Any], values: pd.Series) -> FloatDistribution:
+    """The search-space distribution of one parameter, widened to cover observed values."""
+    observed_low, observed_high = float(values.min()), float(values.max())
+    low = float(spec.get("low", observed_low))
+    high = float(spec.get("high", observed_high))
+    step = spec.get("step")
+    log = bool(spec.get("log", False))
+    if observed_low < low or observed_high > high:
+        low, high, step = min(low, observed_low), max(high, observed_high), None
+    if log and low <= 0:
+        log = False
+    if step is not None:
+        step = float(step)
+        on_grid = ((values - low) / step - ((values - low) / step).round()).abs() < 1e-8
+        if log or not on_grid.all():
+            step = None
+    return FloatDistribution(low, high, log=log, step=step)
+
+
+def group_importance(sub: pd.DataFrame, space: Mapping[str, Any], seed: int) -> dict[str, float]:
+    """fANOVA importances of the parameters that vary among one group's trials."""
+    params = [
+        p for p in space
+        if f"cfg_{p}" in sub and sub[f"cfg_{p}"].notna().all() and sub[f"cfg_{p}"].nunique() > 1
+    ]
+    if len(sub) < MIN_TRIALS or not params:
+        return {}
+    dists = {p: distribution(space[p] or {}, sub[f"cfg_{p}"].astype(float)) for p in params}
+    study = optuna.create_study(direction="maximize")
+    study.add_trials([
+        optuna.trial.create_trial(
+            params={p: float(row[f"cfg_{p}"]) for p in params},
+            distributions=dists,
+            value=float(row["best_val_acc"]),
+        )
+        for _, row in sub.iterrows()
+    ])
+    evaluator = FanovaImportanceEvaluator(seed=seed)
+    return optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
+
+
+def param_importance(
+    trials: pd.DataFrame, space: Mapping[str, Any], seed: int = 0
+) -> pd.DataFrame:
+    """Rows (group, param, importance); importances of a group sum to 1.
+
+    Uses completed, ASHA-stopped and early-stopped trials with their ``best_val_acc``;
+    groups with fewer than three such trials or no varying parameter are skipped.
+    """
+    columns = ["group", "param", "importance"]
+    if trials.empty or not space or not {"group", "best_val_acc"} <= set(trials.columns):
+        return pd.DataFrame(columns=columns)
+    usable = trials[trials["best_val_acc"].notna()]
+    if "status" in usable:
+        usable = usable[usable["status"].isin(USABLE_STATUSES)]
+    rows = []
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        for group in ordered_groups(usable["group"]):
+            found = group_importance(usable[usable["group"] == group], space, seed)
+            rows += [{"group": group, "param": p, "importance": float(v)}
+                     for p, v in found.items() if not math.isnan(v)]
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return pd.DataFrame(rows, columns=columns)

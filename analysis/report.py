@@ -1,0 +1,211 @@
+"""The Markdown report of a study (tables plus PNG figures) and the comparison export."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from analysis._io import atomic_write_text
+from analysis.constants import CFG_COLUMNS, USABLE_STATUSES, ordered_groups
+from analysis.importance import param_importance
+from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
+from analysis.stats import best_configs, compare_groups, health_check
+from analysis.tables import Study, load_study, resolve
+
+Formatter = Callable[[object], str]
+STATUSES: tuple[str, ...] = (*USABLE_STATUSES, "failed", "diverged")
+HEALTH_THRESHOLD = 0.01
+
+
+def fmt_float(spec: str) -> Formatter:
+    """Formatter for numbers with a format spec; NaN/None become an em dash."""
+    def format_cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "—"
+        return format(float(value), spec)  # type: ignore[arg-type]
+    return format_cell
+
+
+def fmt_default(value: object) -> str:
+    """Plain cell text: NaN as an em dash, floats with 4 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+ACC = fmt_float(".2f")
+PVALUE = fmt_float("#.3g")
+
+
+def markdown_table(frame: pd.DataFrame, formats: Mapping[str, Formatter] | None = None) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` with per-column formatters."""
+    formats = formats or {}
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "---|" * len(frame.columns)]
+    for row in frame.itertuples(index=False):
+        pairs = zip(frame.columns, row, strict=True)
+        cells = [formats.get(col, fmt_default)(value) for col, value in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_section(comparison: pd.DataFrame, data: object) -> list[str]:
+    """Test accuracy over seeds per group, paired tests, the paper's numbers."""
+    dataset = f"`{data}`" if data else "an unrecorded dataset (study.json has no `data` key)"
+    lines = ["## Test accuracy over seeds", ""]
+    if comparison.empty:
+        return [*lines, "No reproduced runs: there is nothing to compare yet.", ""]
+    formats: dict[str, Formatter] = {c: ACC for c in comparison.columns}
+    formats |= {c: PVALUE for c in comparison.columns if c.startswith("p_")}
+    formats |= {"group": str, "n": fmt_float(".0f"), "params": fmt_float(".0f"),
+                "latency_ms_bs1": fmt_float(".3f")}
+    return [
+        *lines,
+        f"Accuracies are test accuracies in percent on the dataset {dataset}, over seeds; "
+        "`ci_low`/`ci_high` bound the 95% t confidence interval of the mean. `diff_vs_*` is "
+        "the mean paired difference (percentage points) over seeds shared with the reference "
+        "group, `p_vs_*` a paired t-test across those seeds, and `*_holm` the Holm-adjusted "
+        "p-value over every test in this table. `paper` is the paper's reported best "
+        "validation accuracy, shown for reference only.",
+        "",
+        markdown_table(comparison, formats),
+        "",
+    ]
+
+
+def best_section(trials: pd.DataFrame) -> list[str]:
+    """Best full-budget trial per group, selected on validation accuracy."""
+    lines = ["## Best configuration per group", ""]
+    best = best_configs(trials)
+    if best.empty:
+        return [*lines, "No usable trials.", ""]
+    best = best.drop(columns=[c for c in CFG_COLUMNS if c in best and best[c].isna().all()])
+    best = best.assign(best_val_acc=best["best_val_acc"] * 100)
+    note = ("Selected on validation accuracy (percent) among trials that ran the group's full "
+            "epoch budget; no test metric is used for selection.")
+    return [*lines, note, "", markdown_table(best, {"best_val_acc": ACC}), ""]
+
+
+def importance_section(trials: pd.DataFrame, space: Mapping[str, object]) -> list[str]:
+    """fANOVA importance per group."""
+    lines = ["## Hyperparameter importance", ""]
+    found = param_importance(trials, space)
+    if found.empty:
+        return [*lines, "Not computed: no group has 3 usable trials with a varying parameter.",
+                ""]
+    note = "fANOVA importance of each varying parameter for validation accuracy (sums to 1)."
+    return [*lines, note, "", markdown_table(found, {"importance": fmt_float(".3f")}), ""]
+
+
+def health_section(epochs: pd.DataFrame) -> list[str]:
+    """Mean gradient share of each active loss term; terms that never reach are FLAGGED."""
+    lines = ["## Loss-term health check", ""]
+    health = health_check(epochs, HEALTH_THRESHOLD)
+    if health.empty:
+        return [*lines, "No epochs recorded.", ""]
+    shown = health.assign(flagged=health["flagged"].map({True: "FLAGGED", False: "ok"}))
+    lines += [f"Mean share of the student's gradient norm per active term (weight > 0); below "
+              f"{HEALTH_THRESHOLD} the term does not reach the student.", "",
+              markdown_table(shown, {"mean_share": fmt_float(".4f")}), ""]
+    flagged = health[health["flagged"]]
+    if flagged.empty:
+        return [*lines, "No term flagged.", ""]
+    for row in flagged.itertuples(index=False):
+        lines.append(f"- FLAGGED: term `{row.term}` in group `{row.group}` "
+                     f"(mean gradient share {fmt_float('.4f')(row.mean_share)})")
+    return [*lines, ""]
+
+
+def status_section(trials: pd.DataFrame) -> list[str]:
+    """How many trials of each group ended in each status (ASHA stops included)."""
+    lines = ["## Trial status (ASHA)", ""]
+    if trials.empty or not {"group", "status"} <= set(trials.columns):
+        return [*lines, "No trials recorded.", ""]
+    counts = pd.crosstab(trials["group"], trials["status"])
+    statuses = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
+    counts = counts.reindex(index=ordered_groups(counts.index), columns=statuses)
+    counts = counts.assign(total=counts.sum(axis=1)).reset_index()
+    return [*lines, markdown_table(counts), ""]
+
+
+def robustness_section(robustness: pd.DataFrame) -> list[str]:
+    """Mean accuracy (percent) per group and severity, over corruptions and seeds."""
+    if robustness.empty or not {"group", "severity", "acc"} <= set(robustness.columns):
+        return []
+    table = robustness.pivot_table(index="group", columns="severity", values="acc") * 100
+    table = table.reindex(ordered_groups(table.index))
+    table.columns = [f"severity {c}" for c in table.columns]
+    table = table.reset_index()
+    formats = {c: ACC for c in table.columns if c != "group"}
+    return ["## Robustness", "", "Mean accuracy (%) over corruptions and seeds.", "",
+            markdown_table(table, formats), ""]
+
+
+def figures_section(figures: Mapping[str, Path | None]) -> list[str]:
+    """Image links to every figure that was drawn."""
+    drawn = [(title, path) for title, path in figures.items() if path is not None]
+    if not drawn:
+        return []
+    lines = ["## Figures", ""]
+    for title, path in drawn:
+        lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    return lines
+
+
+def draw_figures(study: Study, comparison: pd.DataFrame, out: Path) -> dict[str, Path | None]:
+    """Write every figure into ``out``; skipped ones map to None."""
+    return {
+        "Test accuracy": plot_test_accuracy(comparison, out / "test_accuracy.png"),
+        "Learning curves": plot_learning_curves(study.epochs, out / "learning_curves.png"),
+        "ASHA stopping pattern": plot_asha(study.epochs, study.trials, out / "asha.png"),
+        "Robustness": plot_robustness(study.robustness, out / "robustness.png"),
+    }
+
+
+def default_out_dir(study_dir: str | Path) -> Path:
+    """``<study_dir>/report`` on the local disk; remote studies need an explicit out_dir."""
+    text = str(study_dir)
+    if "://" not in text:
+        return Path(text) / "report"
+    if text.startswith("file://"):
+        return Path(resolve(text)[1]) / "report"
+    raise ValueError(f"{text} is not local: give out_dir for the report")
+
+
+def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
+                 fmt: str = "md") -> Path:
+    """Write ``report.md`` and its PNG figures; returns the report's path."""
+    if fmt != "md":
+        raise ValueError(f"unsupported report format {fmt!r} (only 'md')")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(study_dir)
+    study = load_study(study_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    comparison = compare_groups(study.runs)
+    config = study.config
+    title = f"# kdsearch report: {study.name or Path(str(study_dir)).name}"
+    lines = [title, ""]
+    if "max_epochs" in config:
+        lines += [f"Epoch budget per trial: {config['max_epochs']}.", ""]
+    lines += comparison_section(comparison, config.get("data"))
+    lines += best_section(study.trials)
+    lines += importance_section(study.trials, config.get("space") or {})
+    lines += health_section(study.epochs)
+    lines += status_section(study.trials)
+    lines += robustness_section(study.robustness)
+    lines += figures_section(draw_figures(study, comparison, out))
+    return atomic_write_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
+
+
+def export_comparison(study_dir: str | Path, fmt: str) -> str:
+    """The comparison table as CSV or JSON (records), for ``kdsearch analyze --format``."""
+    comparison = compare_groups(load_study(study_dir).runs)
+    if fmt == "csv":
+        return comparison.to_csv(index=False)
+    if fmt == "json":
+        return comparison.to_json(orient="records", double_precision=15)
+    raise ValueError(f"unsupported export format {fmt!r} (csv or json)")

@@ -1,0 +1,149 @@
+"""``TrialConfig``: everything one distillation trial needs, validated and frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .models import ARCHITECTURES, STAGES
+
+GROUPS = ("baseline", "kd", "fa", "at", "combined")
+TERMS = ("ce", "kl", "at", "fa")
+
+# The loss terms each of the paper's five groups may use.
+GROUP_TERMS: dict[str, tuple[str, ...]] = {
+    "baseline": ("ce",),
+    "kd": ("ce", "kl"),
+    "fa": ("ce", "kl", "fa"),
+    "at": ("ce", "kl", "at"),
+    "combined": ("ce", "kl", "fa", "at"),
+}
+
+# Default weights of a group's terms before any tuning (AT: Zagoruyko's beta/2 = 500).
+DEFAULT_WEIGHTS = {"ce": 1.0, "kl": 1.0, "at": 500.0, "fa": 1.0}
+MASKED_TERMS = ("at", "fa")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial: group, models, loss weights, mask, optimizer, schedule, seed and device.
+
+    Build one with ``TrialConfig.for_group("kd", T=4.0, ...)``; any invalid value raises
+    ``ValueError`` naming the field.
+    """
+
+    group: str = "baseline"
+    student: str = "resnet18"
+    student_width: float = 1.0
+    student_cbam: bool = False
+    teacher: str = "resnet50"
+    teacher_width: float = 1.0
+    teacher_cbam: bool = True
+    stem: str = "cifar"
+    T: float = 4.0
+    w_ce: float = 1.0
+    w_kl: float = 0.0
+    w_at: float = 0.0
+    w_fa: float = 0.0
+    mask_pct: float = 0.0
+    mask_target: str = "label"
+    stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "constant"
+    epochs: int = 30
+    batch_size: int = 64
+    patience: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "auto"
+    compile: bool = False
+    eval_batch_size: int = 512
+
+    @classmethod
+    def for_group(cls, group: str, **overrides) -> TrialConfig:
+        """The group's preset (its terms at default weights, 50% masks where masked) plus overrides."""
+        if group not in GROUP_TERMS:
+            raise ValueError(f"group: unknown {group!r}, expected one of {list(GROUPS)}")
+        preset = {f"w_{t}": (DEFAULT_WEIGHTS[t] if t in GROUP_TERMS[group] else 0.0) for t in TERMS}
+        if any(t in GROUP_TERMS[group] for t in MASKED_TERMS):
+            preset["mask_pct"] = 50.0
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown TrialConfig field")
+        return cls(group=group, **{**preset, **overrides})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stages, list):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        _validate(self)
+
+    def weight(self, term: str) -> float:
+        return getattr(self, f"w_{term}")
+
+    @property
+    def active_terms(self) -> tuple[str, ...]:
+        """Terms with a non-zero weight, in canonical order."""
+        return tuple(t for t in TERMS if self.weight(t) > 0)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t != "ce" for t in self.active_terms)
+
+    @property
+    def needs_masks(self) -> bool:
+        return self.mask_pct > 0 and any(t in MASKED_TERMS for t in self.active_terms)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate(c: TrialConfig) -> None:
+    _check(c.group in GROUP_TERMS, "group", f"unknown {c.group!r}, expected one of {list(GROUPS)}")
+    for name in ("student", "teacher"):
+        arch = getattr(c, name)
+        _check(arch in ARCHITECTURES, name, f"unknown architecture {arch!r}")
+        width = getattr(c, f"{name}_width")
+        _check(_finite(width) and width > 0, f"{name}_width", f"must be a finite number > 0, got {width!r}")
+    _check(c.stem in ("cifar", "imagenet"), "stem", f"expected 'cifar' or 'imagenet', got {c.stem!r}")
+    _check(_finite(c.T) and c.T > 0, "T", f"must be a finite number > 0, got {c.T!r}")
+    for term in TERMS:
+        w = c.weight(term)
+        _check(_finite(w) and w >= 0, f"w_{term}", f"must be a finite number >= 0, got {w!r}")
+        if term not in GROUP_TERMS[c.group]:
+            _check(w == 0, f"w_{term}", f"group {c.group!r} does not use the {term} term, got {w}")
+    _check(bool(c.active_terms), "w_ce", "at least one loss weight must be > 0")
+    _check(_finite(c.mask_pct) and 0 <= c.mask_pct < 100, "mask_pct",
+           f"must be in [0, 100), got {c.mask_pct!r}")
+    _check(c.mask_target in ("label", "prediction"), "mask_target",
+           f"expected 'label' or 'prediction', got {c.mask_target!r}")
+    _check(len(c.stages) > 0 and all(s in STAGES for s in c.stages) and len(set(c.stages)) == len(c.stages),
+           "stages", f"must be distinct names among {list(STAGES)}, got {list(c.stages)}")
+    _check(_finite(c.lr) and c.lr > 0, "lr", f"must be a finite number > 0, got {c.lr!r}")
+    _check(_finite(c.momentum) and 0 <= c.momentum < 1, "momentum", f"must be in [0, 1), got {c.momentum!r}")
+    _check(_finite(c.weight_decay) and c.weight_decay >= 0, "weight_decay",
+           f"must be a finite number >= 0, got {c.weight_decay!r}")
+    _check(c.lr_schedule in ("constant", "cosine"), "lr_schedule",
+           f"expected 'constant' or 'cosine', got {c.lr_schedule!r}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        v = getattr(c, name)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be an integer > 0, got {v!r}")
+    _check(isinstance(c.patience, int) and c.patience >= 0, "patience", f"must be an integer >= 0, got {c.patience!r}")
+    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", f"must be an integer >= 0, got {c.seed!r}")
+    _check(c.device == "cpu" or c.device.startswith(("cuda", "mps")), "device",
+           f"expected cpu, cuda, cuda:N or mps, got {c.device!r}")
+    _check(c.precision in ("auto", "fp32", "bf16"), "precision",
+           f"expected auto, fp32 or bf16, got {c.precision!r}")

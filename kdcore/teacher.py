@@ -1,0 +1,117 @@
+"""The teacher: trained once with the same loop (CE only) and cached by a content hash.
+
+The hash covers the teacher's config and the dataset fingerprint, so a study (or several)
+with the same teacher and data reuses one file. Files load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TrialConfig
+from .data import Dataset
+from .models import build_model
+from .train import fit
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How to build and train the teacher."""
+
+    arch: str = "resnet50"
+    width: float = 1.0
+    cbam: bool = True
+    stem: str = "cifar"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    patience: int = 0
+    seed: int = 0
+    device: str = "cpu"
+
+    def trial_config(self) -> TrialConfig:
+        """The CE-only ``TrialConfig`` that trains this teacher as a 'student'."""
+        return TrialConfig(
+            group="baseline", student=self.arch, student_width=self.width,
+            student_cbam=self.cbam, stem=self.stem, epochs=self.epochs,
+            batch_size=self.batch_size, lr=self.lr, lr_schedule=self.lr_schedule,
+            patience=self.patience, seed=self.seed, device=self.device,
+        )
+
+    def content_hash(self, data: Dataset) -> str:
+        """Hash of everything that determines the teacher's weights (device excluded)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        blob = json.dumps({"teacher": fields, "data": data.fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_teacher(config: TeacherConfig, num_classes: int) -> nn.Module:
+    return build_model(config.arch, num_classes, config.stem, config.width, config.cbam)
+
+
+def save_teacher(path: Path, model: nn.Module, meta: dict) -> None:
+    """Write the teacher atomically: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_teacher(path: str | Path, config: TeacherConfig, num_classes: int) -> nn.Module:
+    """Load teacher weights for ``config``; a corrupt or mismatched file raises ``ValueError``."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = blob["state_dict"]
+    except Exception as exc:  # damaged, foreign or pickled-object files
+        raise ValueError(f"cannot read teacher checkpoint {path}: {exc.__class__.__name__}") from None
+    model = build_teacher(config, num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise ValueError(
+            f"teacher checkpoint {path} does not match architecture {config.arch} "
+            f"(width {config.width}, cbam {config.cbam}, stem {config.stem})"
+        ) from None
+    return model.eval().requires_grad_(False)
+
+
+def get_teacher(
+    config: TeacherConfig,
+    data: Dataset,
+    cache_dir: str | Path,
+    report: Callable[[dict, dict], None] | None = None,
+) -> tuple[nn.Module, str, dict]:
+    """Load the cached teacher for (config, data) or train and cache it.
+
+    Returns ``(model, content_hash, meta)``; ``meta`` holds the teacher's validation accuracy.
+    """
+    digest = config.content_hash(data)
+    path = Path(cache_dir) / f"teacher-{digest}.pt"
+    if path.exists():
+        model = load_teacher(path, config, data.num_classes)
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+        return model, digest, meta
+    result = fit(config.trial_config(), data, report=report)
+    meta = {
+        "hash": digest, "val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run, "data": data.fingerprint,
+    }
+    model = result.student.cpu().eval().requires_grad_(False)
+    save_teacher(path, model, meta)
+    return model, digest, meta

@@ -1,0 +1,118 @@
+"""The driver-side Tune callback that turns trial results into Parquet rows.
+
+``on_trial_result`` writes one ``epochs`` row per reported epoch; ``on_trial_complete`` and
+``on_trial_error`` write the trial's ``trials`` row. Status of a finished trial:
+
+- ``diverged``: its last result carries ``diverged=True`` (non-finite loss; see trainable);
+- ``early_stopped``: fit stopped it on a validation-loss plateau (``patience``);
+- ``completed``: it ran ``max_epochs`` epochs;
+- ``asha_stopped``: it ended before ``max_epochs`` for none of those reasons, i.e. ASHA
+  stopped it at a rung;
+- ``failed``: it raised an error more often than ``FailureConfig(max_failures)`` allows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from .sink import CFG, TERMS, ParquetSink
+from .study import StudyConfig
+
+EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", *(f"loss_{t}" for t in TERMS),
+                 *(f"gshare_{t}" for t in TERMS), "lr", "epoch_seconds", "images_per_s")
+
+
+def classify(result: dict[str, Any], max_epochs: int) -> str:
+    """Status of a trial that ended without an error, from its last result."""
+    if not result or "epoch" not in result:
+        return "failed"
+    if result.get("diverged"):
+        return "diverged"
+    if result.get("early_stopped"):
+        return "early_stopped"
+    if int(result.get("epochs_run", result["epoch"])) >= max_epochs:
+        return "completed"
+    return "asha_stopped"
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def epoch_row(study: str, group: str, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "study": study, "group": group, "trial_id": trial_id,
+        "attempt": int(result["attempt"]), "epoch": int(result["epoch"]),
+        "seed": int(result["seed"]), **{c: _float(result.get(c)) for c in CFG},
+        **{m: _float(result.get(m)) for m in EPOCH_METRICS},
+        "node": str(result.get("node", "")), "timestamp": time.time(),
+    }
+
+
+def trial_row(study: StudyConfig, group: str, trial: Any, status: str,
+              error: str = "") -> dict[str, Any]:
+    result = dict(trial.last_result or {})
+    cfg = {c: result.get(c) for c in CFG}
+    seed = result.get("seed")
+    if seed is None:  # no result yet: rebuild the trial's settings from its Tune config
+        try:
+            from .trainable import cfg_columns, trial_settings
+
+            settings = trial_settings(study, trial.config)
+            cfg, seed = cfg_columns(settings), settings.seed
+        except (KeyError, ValueError, TypeError):
+            seed = study.seed
+    if not error:
+        error = str(result.get("error", "") or "")
+    return {
+        "study": study.study, "group": group, "trial_id": str(trial.trial_id), "status": status,
+        "epochs_run": int(result.get("epochs_run", 0) or 0),
+        "best_val_acc": _float(result.get("best_val_acc")),
+        "best_epoch": int(result.get("best_epoch", 0) or 0),
+        "wall_seconds": _float(result.get("wall_seconds")), "seed": int(seed),
+        **{c: _float(v) for c, v in cfg.items()},
+        "error": error, "timestamp": time.time(),
+    }
+
+
+def _error_text(trial: Any) -> str:
+    """The last line of the trial's error trace (Ray keeps the full trace in the trial dir)."""
+    try:
+        text = trial.get_error() or ""
+    except Exception:  # the error file may be gone or unreadable
+        text = ""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (lines[-1] if lines else "trial failed")[:1000]
+
+
+class SinkCallback(Callback):
+    """Writes one group's epoch and trial rows through a ``ParquetSink`` on the driver."""
+
+    def __init__(self, study: StudyConfig, group: str, sink: ParquetSink):
+        self.study = study
+        self.group = group
+        self.sink = sink
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if "epoch" not in result or result.get("diverged") or result.get("replayed"):
+            return
+        row = epoch_row(self.study.study, self.group, str(trial.trial_id), result)
+        self.sink.append("epochs", self.group, [row])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status = classify(trial.last_result or {}, self.study.max_epochs)
+        error = "" if status != "failed" else "trial ended without reporting a result"
+        self.sink.append("trials", self.group,
+                         [trial_row(self.study, self.group, trial, status, error)])
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = trial_row(self.study, self.group, trial, "failed", _error_text(trial))
+        self.sink.append("trials", self.group, [row])

@@ -1,0 +1,174 @@
+"""``kdsearch reproduce``: each group's best configuration, trained with the same N seeds.
+
+The best configuration of a group is its trial with the highest validation accuracy among
+trials that ran the full budget (``analysis.best_configs``: never chosen by a test metric).
+The baseline has nothing tuned and runs at the study's defaults. Every (group, seed) run is
+one Ray Tune trial — so runs spread over a cluster like the search — that trains with
+``kdcore.fit`` (selecting the best validation epoch), then measures test accuracy,
+accuracy under corruptions (severities 1-5), parameters, latency and throughput. The driver
+writes one ``runs`` row and the ``robustness`` rows of each run as it finishes; a run already
+in the table is not repeated, so an interrupted reproduce continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from analysis.stats import best_configs
+from kdcore.evaluate import evaluate_student
+from kdcore.train import fit
+
+from .sink import CFG, ParquetSink, read_table
+from .study import (
+    StudyConfig,
+    config_from_study_json,
+    group_params,
+    load_study_config,
+    overrides_from_args,
+    read_study_json,
+)
+from .trainable import _teacher, cfg_columns, trial_settings
+
+RAY_DIR = "ray"
+
+
+def planned_runs(config: StudyConfig, groups: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One entry per (group, seed) still missing from the ``runs`` table."""
+    trials = read_table(config.study_dir, "trials")
+    best = best_configs(trials) if len(trials) else trials
+    done = read_table(config.study_dir, "runs")
+    done_keys = set(zip(done["group"], done["seed"], strict=True)) if len(done) else set()
+    runs = []
+    for group in groups:
+        params: dict[str, float] = {}
+        source = ""
+        if group_params(group):
+            row = best[best["group"] == group] if len(best) else best
+            if not len(row):
+                raise ValueError(f"group: no finished full-budget trial of {group!r} to reproduce; "
+                                 "run `kdsearch tune` for it first")
+            row = row.iloc[0]
+            params = {p: float(row[f"cfg_{p}"]) for p in group_params(group)}
+            source = str(row["trial_id"])
+        for seed in config.reproduce_seeds():
+            if (group, seed) not in done_keys:
+                runs.append({"group": group, "seed": seed, **params, "source_trial_id": source})
+    return runs
+
+
+def reproduce_trial(
+    run: dict[str, Any], study: StudyConfig, data, teacher_state: dict | None = None
+) -> dict[str, Any]:
+    """Train one (group, seed) run and evaluate it; returns the result Ray records."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, int(study.cpus_per_trial)))
+    trial = trial_settings(study, run)
+    teacher = _teacher(study, trial, teacher_state, data.num_classes)
+    t0 = time.monotonic()
+    result = fit(trial, data, teacher)
+    evaluation = evaluate_student(result.student, data, study.device)
+    return {
+        "group": trial.group, "seed": trial.seed, "source_trial_id": run["source_trial_id"],
+        **evaluation["metrics"], **cfg_columns(trial),
+        "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run, "train_seconds": time.monotonic() - t0,
+        "node": ray.util.get_node_ip_address(),
+        "robustness_json": json.dumps(evaluation["robustness"]),
+    }
+
+
+def _callback(config: StudyConfig):
+    from ray.tune import Callback
+
+    class RunsSink(Callback):
+        """Writes each finished run's ``runs`` and ``robustness`` rows on the driver."""
+
+        def __init__(self):
+            self.sink = ParquetSink(config.study_dir)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "test_acc" not in result:
+                return
+            now = time.time()
+            row = {k: result[k] for k in (
+                "group", "seed", "source_trial_id", "test_acc", "test_loss", "corrupt_acc_mean",
+                "params", "latency_ms_bs1", "images_per_s_bs256", "best_val_acc", "best_epoch",
+                "epochs_run", "train_seconds", "node", *CFG)}
+            self.sink.append("runs", row["group"], [{**row, "study": config.study, "timestamp": now}])
+            robustness = [{"study": config.study, "group": row["group"], "seed": row["seed"],
+                           **r, "timestamp": now} for r in json.loads(result["robustness_json"])]
+            self.sink.append("robustness", row["group"], robustness)
+
+    return RunsSink()
+
+
+def run_reproduce(config: StudyConfig, address: str | None = None,
+                  groups: tuple[str, ...] | None = None) -> int:
+    """Run every missing (group, seed) of ``config``; returns how many runs were executed."""
+    from ray import tune
+
+    from .tune import init_ray, prepare_teacher
+
+    groups = groups or config.groups
+    runs = planned_runs(config, groups)
+    seeds = config.reproduce_seeds()
+    print(f"reproduce: {len(runs)} runs to do ({len(groups)} groups x seeds {list(seeds)}; "
+          "finished runs are kept)", flush=True)
+    if not runs:
+        return 0
+    data = config.load_data()
+    init_ray(config, address)
+    teacher_state, _ = prepare_teacher(config, data)
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_entry, study=config, data=data, teacher_state=teacher_state),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": tune.grid_search(runs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent),
+        run_config=tune.RunConfig(
+            name=f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=f"{config.study_dir}/{RAY_DIR}",
+            failure_config=tune.FailureConfig(max_failures=2),
+            callbacks=[_callback(config)],
+            verbose=1,
+        ),
+    )
+    results = tuner.fit()
+    if results.num_errors:
+        raise ValueError(f"reproduce: {results.num_errors} of {len(runs)} runs failed; "
+                         "rerun `kdsearch reproduce` to retry them")
+    return len(runs)
+
+
+def _tune_entry(config: dict, study: StudyConfig, data, teacher_state=None) -> None:
+    from ray import tune
+
+    tune.report(reproduce_trial(config["run"], study, data, teacher_state))
+
+
+def resolve_study(args) -> StudyConfig:
+    """The study's stored config (``study.json``) with runtime flags applied, else a new one."""
+    overrides = overrides_from_args(args)
+    base = load_study_config(getattr(args, "preset", None), getattr(args, "config", None),
+                             overrides)
+    stored = read_study_json(base.storage, base.study)
+    if stored is None:
+        return base
+    return config_from_study_json(stored, {**overrides, "storage": base.storage})
+
+
+def cmd_reproduce(args) -> int:
+    config = resolve_study(args)
+    if read_study_json(config.storage, config.study) is None:
+        raise ValueError(f"study: {config.study!r} has no study.json under {config.storage}; "
+                         "run `kdsearch tune` first")
+    groups = None if args.group in (None, "all") else (args.group,)
+    n = run_reproduce(config, args.address, groups)
+    print(f"reproduce: {n} runs written to {config.study_dir}/runs", flush=True)
+    return 0

@@ -1,0 +1,485 @@
+"""``StudyConfig``: everything a study needs, its presets, config files and ``study.json``.
+
+Resolution order: preset -> config file (TOML or YAML) -> command-line flags. Every bad
+value raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcore.config import GROUP_TERMS, GROUPS, MASKED_TERMS, TERMS, TrialConfig
+from kdcore.models import ARCHITECTURES
+from kdcore.teacher import TeacherConfig
+
+from . import fsutil
+
+PARAMS = ("T", "w_ce", "w_kl", "w_at", "w_fa", "mask_pct")
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TEACHER_FIELDS = ("arch", "width", "cbam", "epochs", "batch_size", "lr", "lr_schedule",
+                  "patience", "seed")
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """A search range: uniform or log-uniform in [low, high], optionally on a ``step`` grid."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"low": self.low, "high": self.high, "log": self.log}
+        if self.step is not None:
+            d["step"] = self.step
+        return d
+
+
+DEFAULT_SPACE: dict[str, ParamRange] = {
+    "T": ParamRange(1.0, 16.0, log=True),
+    "w_ce": ParamRange(0.1, 1.0),
+    "w_kl": ParamRange(0.1, 2.0),  # KL already carries T^2
+    "w_at": ParamRange(10.0, 5000.0, log=True),  # Zagoruyko's beta/2 = 500 inside
+    "w_fa": ParamRange(0.01, 10.0, log=True),
+    "mask_pct": ParamRange(0.0, 90.0, step=10.0),
+}
+
+
+def group_params(group: str) -> tuple[str, ...]:
+    """The parameters a group tunes: T and its weights (with KL), plus mask_pct when masked."""
+    terms = GROUP_TERMS[group]
+    if group == "baseline":
+        return ()  # nothing to tune: its seeds run at the paper's settings
+    params = ["T"] if "kl" in terms else []
+    params += [f"w_{t}" for t in TERMS if t in terms]
+    if any(t in MASKED_TERMS for t in terms):
+        params.append("mask_pct")
+    return tuple(params)
+
+
+def check_study_name(name: object) -> str:
+    """A study name is one path component: letters, digits, ``._-``; no ``..``, no slashes."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"study: {name!r} is not a valid study name (letters, digits, '._-', "
+                         "one path component, not starting with '.' or containing '..')")
+    return name
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study: data, storage, groups, search budget, ASHA, models, optimizer, space, resources.
+
+    ``seed`` seeds the TPE sampler and is the training seed of every search trial (so all
+    trials of all groups see the same batches); ``seeds`` is how many seeds ``reproduce``
+    trains per group (``reproduce_seeds()``, disjoint from ``seed``).
+    """
+
+    study: str = "default"
+    data: str = "cifar10"
+    storage: str = "./kdsearch-results"
+    groups: tuple[str, ...] = GROUPS
+    samples: int = 32
+    max_epochs: int = 30
+    grace_period: int = 5
+    reduction_factor: float = 2.0
+    student: str = "resnet18"
+    student_width: float = 1.0
+    student_cbam: bool = False
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    stem: str = "cifar"
+    stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "constant"
+    patience: int = 5
+    mask_target: str = "label"
+    precision: str = "auto"
+    val_size: int = 5000
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+    space: dict[str, ParamRange] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 4
+    device: str = "cpu"
+    seeds: int = 5
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "groups", tuple(self.groups))
+        set_(self, "stages", tuple(self.stages))
+        # The teacher shares the study's stem and trains on the study's device.
+        set_(self, "teacher", dataclasses.replace(self.teacher, stem=self.stem, device=self.device))
+        _validate(self)
+
+    # -- building trials ---------------------------------------------------------------------
+
+    def trial_config(self, group: str, params: dict[str, float], seed: int) -> TrialConfig:
+        """The ``TrialConfig`` of one trial: the group's preset, this study's settings, params."""
+        unknown = set(params) - set(PARAMS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: not a search parameter {list(PARAMS)}")
+        return TrialConfig.for_group(
+            group, student=self.student, student_width=self.student_width,
+            student_cbam=self.student_cbam, teacher=self.teacher.arch,
+            teacher_width=self.teacher.width, teacher_cbam=self.teacher.cbam, stem=self.stem,
+            stages=self.stages, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
+            epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience,
+            mask_target=self.mask_target, seed=seed, device=self.device,
+            precision=self.precision, **{k: float(v) for k, v in params.items()},
+        )
+
+    def group_space(self, group: str) -> dict[str, ParamRange]:
+        return {p: self.space[p] for p in group_params(group)}
+
+    def reproduce_seeds(self) -> tuple[int, ...]:
+        """Seeds for ``reproduce``: ``seed + 1 ... seed + seeds`` (never the search seed)."""
+        return tuple(self.seed + 1 + i for i in range(self.seeds))
+
+    def load_data(self):
+        """This study's dataset (validation split and per-class subsets applied)."""
+        from kdcore.data import load_data
+
+        return load_data(self.data, val_size=self.val_size, train_per_class=self.train_per_class,
+                         test_per_class=self.test_per_class)
+
+    # -- locations ---------------------------------------------------------------------------
+
+    @property
+    def study_dir(self) -> str:
+        """``<storage>/<study>``: an absolute local path or a URI."""
+        return fsutil.join(self.storage, self.study)
+
+    @property
+    def teacher_cache(self) -> Path:
+        """``<storage>/teachers`` (a local cache under ~/.cache/kdsearch for URI storage)."""
+        if fsutil.is_uri(self.storage):
+            from kdcore.data import _cache_dir
+
+            return _cache_dir() / "teachers"
+        return Path(fsutil.join(self.storage, "teachers"))
+
+    # -- (de)serialization -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["groups"] = list(self.groups)
+        d["stages"] = list(self.stages)
+        d["teacher"] = {k: getattr(self.teacher, k) for k in TEACHER_FIELDS}
+        d["space"] = {p: r.to_dict() for p, r in self.space.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StudyConfig:
+        """Build from plain values (a file, ``study.json``, overrides); unknown keys are errors."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - fields
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown study config key")
+        d = dict(raw)
+        if "teacher" in d:
+            d["teacher"] = _teacher_from(d["teacher"])
+        if "space" in d:
+            d["space"] = _space_from(d["space"])
+        if isinstance(d.get("groups"), str):
+            d["groups"] = GROUPS if d["groups"] == "all" else (d["groups"],)
+        for name in ("groups", "stages"):
+            if name in d and not isinstance(d[name], list | tuple):
+                raise ValueError(f"{name}: expected a list, got {d[name]!r}")
+        for f in dataclasses.fields(cls):
+            if f.name in d and f.type in ("float", "float | None") and _is_int(d[f.name]):
+                d[f.name] = float(d[f.name])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def _teacher_from(raw: object) -> TeacherConfig:
+    if isinstance(raw, TeacherConfig):
+        return raw
+    _check(isinstance(raw, dict), "teacher", f"expected a table of {list(TEACHER_FIELDS)}")
+    unknown = set(raw) - set(TEACHER_FIELDS)
+    _check(not unknown, f"teacher.{sorted(unknown)[0] if unknown else ''}",
+           f"unknown teacher key (expected one of {list(TEACHER_FIELDS)})")
+    values = {k: (float(v) if k in ("width", "lr") and _is_int(v) else v) for k, v in raw.items()}
+    return TeacherConfig(**values)
+
+
+def _space_from(raw: object) -> dict[str, ParamRange]:
+    _check(isinstance(raw, dict), "space", "expected a table of parameter ranges")
+    space = dict(DEFAULT_SPACE)
+    for name, spec in raw.items():
+        _check(name in PARAMS, f"space.{name}",
+               f"unknown parameter (expected one of {list(PARAMS)})")
+        if isinstance(spec, ParamRange):
+            space[name] = spec
+            continue
+        _check(isinstance(spec, dict), f"space.{name}", "expected a table with low/high[/log/step]")
+        bad = set(spec) - {"low", "high", "log", "step"}
+        _check(not bad, f"space.{name}", f"unknown key {sorted(bad)[0] if bad else ''!r}")
+        base = space[name].to_dict()
+        if "step" not in spec and spec.get("log"):
+            base.pop("step", None)
+        space[name] = ParamRange(**{**base, **spec})
+    return space
+
+
+def _validate_range(name: str, r: ParamRange) -> None:
+    where = f"space.{name}"
+    _check(_num(r.low) and _num(r.high) and r.low <= r.high, where,
+           f"needs finite low <= high, got low={r.low!r} high={r.high!r}")
+    _check(isinstance(r.log, bool), where, "log must be true or false")
+    if r.log:
+        _check(r.low > 0, where, "a log range needs low > 0")
+        _check(r.step is None, where, "a log range cannot have a step")
+    if r.step is not None:
+        _check(_num(r.step) and r.step > 0, where, f"step must be > 0, got {r.step!r}")
+    if name == "T":
+        _check(r.low > 0, where, "T must be > 0")
+    elif name == "mask_pct":
+        _check(r.low >= 0 and r.high < 100, where, "mask_pct must lie in [0, 100)")
+    else:
+        _check(r.low >= 0, where, "loss weights must be >= 0")
+
+
+def _validate(c: StudyConfig) -> None:
+    check_study_name(c.study)
+    _check(isinstance(c.data, str) and c.data != "", "data", "must be a data spec")
+    _check(isinstance(c.storage, str) and c.storage != "", "storage", "must be a path or URI")
+    _check(len(c.groups) > 0 and all(g in GROUPS for g in c.groups)
+           and len(set(c.groups)) == len(c.groups), "groups",
+           f"must be distinct names among {list(GROUPS)}, got {list(c.groups)}")
+    for name in ("samples", "max_epochs", "grace_period", "max_concurrent", "seeds", "batch_size"):
+        v = getattr(c, name)
+        _check(_is_int(v) and v > 0, name, f"must be an integer > 0, got {v!r}")
+    for name in ("val_size", "seed"):
+        v = getattr(c, name)
+        _check(_is_int(v) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
+    for name in ("train_per_class", "test_per_class"):
+        v = getattr(c, name)
+        _check(v is None or (_is_int(v) and v > 0), name, f"must be an integer > 0, got {v!r}")
+    _check(c.grace_period <= c.max_epochs, "grace_period",
+           f"must be <= max_epochs ({c.max_epochs}), got {c.grace_period}")
+    _check(_num(c.reduction_factor) and c.reduction_factor > 1, "reduction_factor",
+           f"must be a number > 1, got {c.reduction_factor!r}")
+    _check(_num(c.cpus_per_trial) and c.cpus_per_trial > 0, "cpus_per_trial",
+           f"must be a number > 0, got {c.cpus_per_trial!r}")
+    _check(_num(c.gpus_per_trial) and c.gpus_per_trial >= 0, "gpus_per_trial",
+           f"must be a number >= 0, got {c.gpus_per_trial!r}")
+    _check(c.gpus_per_trial <= 1 or float(c.gpus_per_trial).is_integer(), "gpus_per_trial",
+           f"fractions must be <= 1 (Ray shares one GPU), got {c.gpus_per_trial}")
+    _check(isinstance(c.space, dict) and set(c.space) == set(PARAMS), "space",
+           f"needs exactly the parameters {list(PARAMS)}")
+    for name, r in c.space.items():
+        _validate_range(name, r)
+    t = c.teacher
+    _check(t.arch in ARCHITECTURES, "teacher.arch", f"unknown architecture {t.arch!r}")
+    _check(_num(t.width) and t.width > 0, "teacher.width", f"must be > 0, got {t.width!r}")
+    _check(isinstance(t.cbam, bool), "teacher.cbam", f"must be true or false, got {t.cbam!r}")
+    for name in ("epochs", "batch_size"):
+        v = getattr(t, name)
+        _check(_is_int(v) and v > 0, f"teacher.{name}", f"must be an integer > 0, got {v!r}")
+    _check(_num(t.lr) and t.lr > 0, "teacher.lr", f"must be > 0, got {t.lr!r}")
+    _check(isinstance(c.student_cbam, bool), "student_cbam", "must be true or false")
+    # Everything else is checked where it is used: by TrialConfig, at both ends of the space.
+    for group in c.groups:
+        for end in ("low", "high"):
+            c.trial_config(group, {p: getattr(r, end) for p, r in c.group_space(group).items()},
+                           c.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets, config files, overrides.
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Minutes on 2 CPU cores: tiny widths, a class-balanced subset, a few epochs and trials.
+    "smoke": {
+        "study": "smoke", "samples": 4, "max_epochs": 3, "grace_period": 1,
+        "reduction_factor": 2.0, "student": "resnet18", "student_width": 0.125,
+        "teacher": {"arch": "resnet50", "width": 0.25, "cbam": True, "epochs": 4,
+                    "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
+        "batch_size": 64, "lr": 0.05, "patience": 0, "val_size": 200,
+        "train_per_class": 100, "test_per_class": 50, "cpus_per_trial": 1.0,
+        "gpus_per_trial": 0.0, "max_concurrent": 2, "device": "cpu", "seeds": 2,
+    },
+    # The paper's protocol (DESIGN.md) on full CIFAR-10, for GPUs and clusters.
+    "paper": {
+        "study": "paper", "samples": 48, "max_epochs": 30, "grace_period": 5,
+        "reduction_factor": 2.0, "student": "resnet18", "student_width": 1.0,
+        "teacher": {"arch": "resnet50", "width": 1.0, "cbam": True, "epochs": 30,
+                    "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
+        "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+        "lr_schedule": "constant", "patience": 5, "val_size": 5000,
+        "cpus_per_trial": 2.0, "gpus_per_trial": 1.0, "max_concurrent": 8,
+        "device": "cuda", "seeds": 5,
+    },
+}
+
+# Command-line names that differ from StudyConfig's.
+ALIASES = {"epochs": "max_epochs", "group": "groups"}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A study config file: ``.toml`` (tomllib) or ``.yaml``/``.yml`` (yaml.safe_load)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config: no such file {str(p)!r}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"config: {str(p)!r} must end in .toml, .yaml or .yml")
+    except ValueError:
+        raise
+    except Exception as exc:  # tomllib and yaml raise their own error types
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ValueError(f"config: cannot parse {str(p)!r}: {first}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config: {str(p)!r} must hold a table of settings")
+    return raw
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; the ``teacher`` and ``space`` tables merge key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        key = ALIASES.get(key, key)
+        nested = key in ("teacher", "space") and isinstance(out.get(key), dict)
+        if nested and isinstance(value, dict):
+            merged = dict(out[key])
+            for k, v in value.items():
+                both = isinstance(v, dict) and isinstance(merged.get(k), dict)
+                merged[k] = {**merged[k], **v} if both else v
+            out[key] = merged
+        else:
+            out[key] = value
+    return out
+
+
+def load_study_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> StudyConfig:
+    """Preset -> file -> overrides (``None`` values ignored), validated."""
+    raw: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: unknown {preset!r}, expected one of {list(PRESETS)}")
+        raw = _merge(raw, PRESETS[preset])
+    if config_file is not None:
+        raw = _merge(raw, read_config_file(config_file))
+    raw = _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return StudyConfig.from_dict(raw)
+
+
+def overrides_from_args(args: Any) -> dict[str, Any]:
+    """The study settings given on the command line (``None`` where a flag was not given).
+
+    ``--data`` and ``--storage`` always carry a value (their defaults); a default that no
+    environment variable set does not override a preset or config file.
+    """
+    import os
+
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    data, storage = get("data"), get("storage")
+    if data == "cifar10" and "KDSEARCH_DATA" not in os.environ:
+        data = None
+    if storage == "./kdsearch-results" and "KDSEARCH_STORAGE" not in os.environ:
+        storage = None
+    return {
+        "study": get("study"), "data": data, "storage": storage, "max_epochs": get("epochs"),
+        "groups": get("group"), "samples": get("samples"), "seeds": get("seeds"),
+        "cpus_per_trial": get("cpus_per_trial"), "gpus_per_trial": get("gpus_per_trial"),
+        "max_concurrent": get("max_concurrent"), "device": get("device"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# study.json
+
+
+RUNTIME_FIELDS = ("storage", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "device")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("kdsearch", "torch", "ray", "optuna", "pyarrow", "pandas", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def study_json_path(config: StudyConfig) -> str:
+    return fsutil.join(config.study_dir, "study.json")
+
+
+def write_study_json(config: StudyConfig, **extra: Any) -> dict[str, Any]:
+    """Write ``<storage>/<study>/study.json`` atomically: the resolved config, versions, extras
+    (e.g. ``data_fingerprint``, ``teacher_hash``). Returns what was written."""
+    doc = {**config.to_dict(), "versions": package_versions(), "written_at": time.time(), **extra}
+    fsutil.write_bytes(study_json_path(config), json.dumps(doc, indent=2, default=str).encode())
+    return doc
+
+
+def read_study_json(storage: str, study: str) -> dict[str, Any] | None:
+    """The stored ``study.json`` of ``<storage>/<study>`` or None where there is none."""
+    check_study_name(study)
+    raw = fsutil.read_bytes(fsutil.join(storage, study, "study.json"))
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"study.json of {study!r} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"study.json of {study!r} must hold an object")
+    return doc
+
+
+def config_from_study_json(doc: dict[str, Any], overrides: dict[str, Any] | None = None,
+                           ) -> StudyConfig:
+    """The stored config with runtime-only fields (storage, resources, device) overridden."""
+    names = {f.name for f in dataclasses.fields(StudyConfig)}
+    raw = {k: v for k, v in doc.items() if k in names}
+    runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS and v is not None}
+    return StudyConfig.from_dict({**raw, **runtime})

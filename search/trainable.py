@@ -1,0 +1,123 @@
+"""The Ray Tune function trainable: one trial = one ``kdcore.fit`` with per-epoch reports.
+
+Each epoch reports fit's metrics plus ``attempt``, ``node``, ``seed``, the trial's ``cfg_*``
+values, ``epochs_run``, ``best_val_acc``/``best_epoch`` (highest validation accuracy so far)
+and ``wall_seconds``, with a checkpoint directory holding ``state.pt`` (fit's resumable
+state saved with ``torch.save``). A restarted trial loads that state and continues;
+``attempt`` is 1 for a fresh start and grows by one with every restore.
+
+A diverged trial (``DivergedError``) is not an error to Ray: the trainable reports one last
+result with ``diverged=True``, ``val_acc=0.0`` and the message in ``error``, then returns.
+So Ray does not retry it (it would diverge again), Optuna is told a worst-possible value,
+and the sink records a ``diverged`` trial whose ``epochs_run`` counts the finished epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcore.config import TrialConfig
+from kdcore.data import Dataset
+from kdcore.teacher import build_teacher
+from kdcore.train import DivergedError, fit
+
+from .study import PARAMS, StudyConfig
+
+STATE_FILE = "state.pt"
+
+
+def cfg_columns(config: TrialConfig) -> dict[str, float]:
+    """The ``cfg_*`` columns of a trial: the six searchable values it actually trains with."""
+    return {f"cfg_{p}": float(getattr(config, p)) for p in PARAMS}
+
+
+def trial_settings(study: StudyConfig, config: dict[str, Any]) -> TrialConfig:
+    """The ``TrialConfig`` of a Tune trial config ``{"group", "seed"?, <params>}``."""
+    params = {k: float(config[k]) for k in PARAMS if k in config}
+    return study.trial_config(config["group"], params, int(config.get("seed", study.seed)))
+
+
+def best_of(history: list[dict]) -> tuple[float, int]:
+    """(highest val_acc, its epoch) over fit's history; (NaN, 0) when empty."""
+    if not history:
+        return math.nan, 0
+    best = max(history, key=lambda m: m["val_acc"])
+    return float(best["val_acc"]), int(best["epoch"])
+
+
+def _restore() -> tuple[dict | None, int, float]:
+    """(fit state, attempt, wall seconds so far) from Tune's checkpoint, if any."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None, 1, 0.0
+    with checkpoint.as_directory() as d:
+        blob = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    return blob["state"], int(blob["attempt"]) + 1, float(blob["wall_seconds"])
+
+
+def _teacher(study: StudyConfig, config: TrialConfig, state: dict | None, num_classes: int):
+    if not config.needs_teacher:
+        return None
+    if state is None:
+        raise ValueError(f"teacher: group {config.group!r} needs a teacher, none was given")
+    model = build_teacher(study.teacher, num_classes)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def train_trial(
+    config: dict[str, Any],
+    study: StudyConfig,
+    data: Dataset,
+    teacher_state: dict | None = None,
+) -> None:
+    """Run one trial (``study``, ``data``, ``teacher_state`` come via ``with_parameters``)."""
+    import ray
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(study.cpus_per_trial)))
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    trial = trial_settings(study, config)
+    teacher = _teacher(study, trial, teacher_state, data.num_classes)
+    state, attempt, wall_before = _restore()
+    start = time.monotonic()
+    static = {"attempt": attempt, "node": ray.util.get_node_ip_address(), "seed": trial.seed,
+              **cfg_columns(trial)}
+    last: dict[str, Any] = {"history": state["history"] if state else []}
+
+    def summary(history: list[dict], epochs_run: int) -> dict[str, Any]:
+        best_acc, best_epoch = best_of(history)
+        return {**static, "epochs_run": epochs_run, "best_val_acc": best_acc,
+                "best_epoch": best_epoch, "wall_seconds": wall_before + time.monotonic() - start}
+
+    def report(metrics: dict, fit_state: dict) -> None:
+        last["history"] = fit_state["history"]
+        out = {**metrics, **summary(fit_state["history"], metrics["epoch"]), "diverged": False}
+        with tempfile.TemporaryDirectory(prefix="kdsearch-ckpt-") as d:
+            torch.save({"state": fit_state, "attempt": attempt,
+                        "wall_seconds": out["wall_seconds"]}, Path(d) / STATE_FILE)
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+        last["reported"] = True
+
+    try:
+        fit(trial, data, teacher, report=report, checkpoint=state)
+    except DivergedError as exc:
+        history = last["history"]
+        tune.report({**summary(history, len(history)), "epoch": exc.epoch, "val_acc": 0.0,
+                     "diverged": True, "error": str(exc), "early_stopped": False})
+        return
+    if not last.get("reported") and state is not None and state["history"]:
+        # Restored from the trial's final checkpoint: fit had nothing left to run, so repeat
+        # its last result (marked ``replayed``: the sink writes no epoch row for it).
+        history = state["history"]
+        tune.report({**history[-1], **summary(history, len(history)), "diverged": False,
+                     "replayed": True})

@@ -1,0 +1,412 @@
+"""Tests of the analysis package on a small hand-built Parquet study with known numbers."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats as sps
+
+import analysis
+from analysis import (
+    PAPER_ACC,
+    best_configs,
+    compare_groups,
+    export_comparison,
+    health_check,
+    holm,
+    latest_attempt,
+    load_study,
+    param_importance,
+    plot_asha,
+    plot_learning_curves,
+    plot_robustness,
+    plot_test_accuracy,
+    write_report,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+MAX_EPOCHS = 4
+SPACE = {
+    "T": {"low": 1.0, "high": 16.0, "log": True, "step": None},
+    "w_ce": {"low": 0.1, "high": 1.0, "log": False, "step": None},
+    "w_kl": {"low": 0.1, "high": 2.0, "log": False, "step": None},
+    "w_at": {"low": 10.0, "high": 5000.0, "log": True, "step": None},
+    "w_fa": {"low": 0.01, "high": 10.0, "log": True, "step": None},
+    "mask_pct": {"low": 0.0, "high": 90.0, "log": False, "step": 10.0},
+}
+# Reproduced test accuracy per group and seed; `combined` shares only seeds 0 and 1 with others.
+RUNS_ACC = {
+    "baseline": {0: 0.80, 1: 0.81, 2: 0.79},
+    "kd": {0: 0.83, 1: 0.845, 2: 0.82},
+    "fa": {0: 0.82, 1: 0.83, 2: 0.825},
+    "at": {0: 0.835, 1: 0.83, 2: 0.84},
+    "combined": {0: 0.84, 1: 0.835, 3: 0.85},
+}
+ACTIVE = {
+    "baseline": ("ce",),
+    "kd": ("ce", "kl"),
+    "fa": ("ce", "kl", "fa"),
+    "at": ("ce", "kl", "at"),
+    "combined": ("ce", "kl", "at", "fa"),
+}
+SHARE = {"ce": 0.5, "kl": 0.3, "at": 0.2, "fa": 0.2}
+# kd trials: (T, w_ce, w_kl, status, epochs_run, best_val_acc); accuracy driven mostly by T.
+KD_TRIALS = [
+    (1.0, 0.5, 1.0, "completed", 4, 0.70),
+    (2.0, 0.9, 0.5, "completed", 4, 0.75),
+    (4.0, 0.3, 1.5, "completed", 4, 0.80),
+    (12.0, 0.6, 0.8, "completed", 4, 0.90),
+    (8.0, 0.2, 1.2, "early_stopped", 4, 0.85),
+    (1.5, 0.7, 0.3, "asha_stopped", 1, 0.72),
+    (3.0, 0.4, 1.9, "asha_stopped", 2, 0.99),  # higher, but not the full budget
+    (6.0, 0.8, 0.6, "failed", 1, float("nan")),
+]
+
+
+def cfg(group: str, T: float = 4.0, w_ce: float = 1.0, w_kl: float = 1.0) -> dict:
+    """cfg_* columns of a trial; weights of inactive terms are 0."""
+    active = ACTIVE[group]
+    return {
+        "cfg_T": T if "kl" in active else 1.0,
+        "cfg_w_ce": w_ce,
+        "cfg_w_kl": w_kl if "kl" in active else 0.0,
+        "cfg_w_at": 500.0 if "at" in active else 0.0,
+        "cfg_w_fa": 1.0 if "fa" in active else 0.0,
+        "cfg_mask_pct": 50.0 if {"at", "fa"} & set(active) else 0.0,
+    }
+
+
+def trial_rows() -> list[dict]:
+    """Every trial of the study (kd from KD_TRIALS, others three or two full-budget trials)."""
+    rows = []
+    for i, (T, w_ce, w_kl, status, epochs_run, best) in enumerate(KD_TRIALS):
+        rows.append({"group": "kd", "trial_id": f"kd-{i}", "status": status,
+                     "epochs_run": epochs_run, "best_val_acc": best, **cfg("kd", T, w_ce, w_kl)})
+    for group in ("baseline", "fa", "at", "combined"):
+        for i in range(2 if group == "baseline" else 3):
+            rows.append({"group": group, "trial_id": f"{group}-{i}", "status": "completed",
+                         "epochs_run": MAX_EPOCHS, "best_val_acc": 0.70 + 0.02 * i,
+                         **cfg(group, T=2.0 + 3 * i, w_ce=0.3 + 0.2 * i, w_kl=0.5 + 0.4 * i)})
+    for row in rows:
+        row |= {"study": "s", "best_epoch": row["epochs_run"], "wall_seconds": 10.0,
+                "seed": 0, "error": "boom" if row["status"] == "failed" else None,
+                "timestamp": 1000.0}
+    return rows
+
+
+def epoch_row(trial: dict, epoch: int, attempt: int = 0, val_acc: float | None = None,
+              timestamp: float | None = None) -> dict:
+    """One epochs row of ``trial``; gradient share planted at 0 for the `at` term of `at`."""
+    group = trial["group"]
+    shares = {f"gshare_{t}": (SHARE[t] if t in ACTIVE[group] else math.nan) for t in SHARE}
+    if group == "at":
+        shares["gshare_at"] = 0.0
+    acc = 0.5 + 0.05 * epoch if val_acc is None else val_acc
+    return {
+        "study": "s", "group": group, "trial_id": trial["trial_id"], "attempt": attempt,
+        "epoch": epoch, "seed": 0, **{k: v for k, v in trial.items() if k.startswith("cfg_")},
+        "val_acc": acc, "val_loss": 1.0, "train_loss": 1.0,
+        **{f"loss_{t}": 0.1 for t in SHARE}, **shares, "lr": 0.01, "epoch_seconds": 1.0,
+        "images_per_s": 100.0, "node": "n0",
+        "timestamp": 2000.0 + epoch + 10 * attempt if timestamp is None else timestamp,
+    }
+
+
+def run_row(group: str, seed: int, acc: float) -> dict:
+    """One reproduced run."""
+    return {"study": "s", "group": group, "seed": seed, "source_trial_id": f"{group}-0",
+            "test_acc": acc, "test_loss": 0.5, "corrupt_acc_mean": acc - 0.1,
+            "params": 11_000_000, "latency_ms_bs1": 2.0 + seed, "images_per_s_bs256": 5000.0,
+            **cfg(group), "timestamp": 3000.0}
+
+
+def write_parts(root: Path, table: str, name: str, rows: list[dict]) -> None:
+    """Write ``rows`` as one Parquet part per group in hive layout (group from the path)."""
+    frame = pd.DataFrame(rows)
+    for group, sub in frame.groupby("group"):
+        folder = root / table / f"group={group}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = pa.Table.from_pandas(sub.drop(columns="group"), preserve_index=False)
+        pq.write_table(data, folder / name)
+
+
+def build_study(root: Path) -> Path:
+    """The fixture study, with overwritten duplicates in runs, epochs and trials."""
+    root.mkdir(parents=True)
+    (root / "study.json").write_text(json.dumps({
+        "study": "s", "data": "synthetic:tiny", "space": SPACE,
+        "groups": list(RUNS_ACC), "max_epochs": MAX_EPOCHS}))
+    trials = trial_rows()
+    stale_trial = {**trials[0], "status": "failed", "epochs_run": 1, "best_val_acc": 0.1}
+    write_parts(root, "trials", "part-000.parquet", [stale_trial])
+    write_parts(root, "trials", "part-001.parquet", trials)
+
+    epochs = [epoch_row(t, e) for t in trials for e in range(1, t["epochs_run"] + 1)]
+    # kd-1 was resumed: attempt 0 logged a bad epoch 2 that attempt 1 re-ran.
+    epochs.append(epoch_row(trials[1], 2, attempt=1, val_acc=0.61))
+    epochs.append(epoch_row(trials[1], 2, attempt=0, val_acc=0.02, timestamp=2002.0))
+    # kd-0 epoch 2 written again later in file order but with an OLDER timestamp.
+    stale_epoch = epoch_row(trials[0], 2, val_acc=0.01, timestamp=1.0)
+    epochs = [r for r in epochs if not (r["trial_id"] == "kd-1" and r["attempt"] == 0
+                                        and r["epoch"] == 2 and r["val_acc"] != 0.02)]
+    write_parts(root, "epochs", "part-000.parquet", epochs)
+    write_parts(root, "epochs", "part-001.parquet", [stale_epoch])
+
+    runs = [run_row(g, s, a) for g, seeds in RUNS_ACC.items() for s, a in seeds.items()]
+    write_parts(root, "runs", "part-000.parquet", [run_row("kd", 1, 0.10)])  # overwritten
+    write_parts(root, "runs", "part-001.parquet", runs)
+
+    robustness = [
+        {"study": "s", "group": g, "seed": s, "corruption": c, "severity": sev,
+         "acc": a - 0.05 * sev - (0.02 if c == "contrast" else 0.0), "timestamp": 4000.0}
+        for g in ("baseline", "kd") for s, a in RUNS_ACC[g].items()
+        for c in ("gaussian_noise", "contrast") for sev in range(1, 6)
+    ]
+    write_parts(root, "robustness", "part-000.parquet", robustness)
+    return root
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_study(tmp_path_factory.mktemp("storage") / "s")
+
+
+@pytest.fixture(scope="module")
+def study(study_dir: Path) -> analysis.Study:
+    return load_study(study_dir)
+
+
+@pytest.fixture(scope="module")
+def report(study_dir: Path) -> Path:
+    return write_report(study_dir)
+
+
+def expected_acc(group: str) -> np.ndarray:
+    return np.array(list(RUNS_ACC[group].values())) * 100
+
+
+# ---------------------------------------------------------------- tables
+
+
+def test_load_study_deduplicates(study: analysis.Study) -> None:
+    runs = study.runs
+    assert len(runs) == sum(len(s) for s in RUNS_ACC.values())
+    assert not runs.duplicated(["group", "seed"]).any()
+    assert runs.loc[(runs["group"] == "kd") & (runs["seed"] == 1), "test_acc"].item() == 0.845
+    assert set(runs["group"]) == set(RUNS_ACC)
+    assert all(isinstance(g, str) for g in runs["group"])
+
+    trials = study.trials
+    assert len(trials) == len(trial_rows())
+    assert trials.loc[trials["trial_id"] == "kd-0", "status"].item() == "completed"
+
+    epochs = study.epochs
+    assert not epochs.duplicated(["trial_id", "attempt", "epoch"]).any()
+    kd0 = epochs[(epochs["trial_id"] == "kd-0") & (epochs["epoch"] == 2)]
+    assert kd0["val_acc"].tolist() == [pytest.approx(0.6)]  # newest timestamp wins
+    expected_rows = sum(t["epochs_run"] for t in trial_rows()) + 1  # + kd-1 attempt 1
+    assert len(epochs) == expected_rows
+    assert study.config["data"] == "synthetic:tiny"
+    assert len(study.robustness) == 2 * 3 * 2 * 5
+
+
+def test_latest_attempt_keeps_highest_attempt(study: analysis.Study) -> None:
+    latest = latest_attempt(study.epochs)
+    kd1 = latest[latest["trial_id"] == "kd-1"].set_index("epoch")["val_acc"]
+    assert kd1.loc[2] == pytest.approx(0.61)
+    assert not latest.duplicated(["trial_id", "epoch"]).any()
+    assert len(latest) == len(study.epochs) - 1
+
+
+def test_missing_tables_are_empty(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    empty = load_study(tmp_path / "empty")
+    assert empty.runs.empty and empty.epochs.empty and empty.config == {}
+    assert "test_acc" in empty.runs.columns
+
+
+def test_uri_study_dir_reads_the_same(study_dir: Path, study: analysis.Study) -> None:
+    via_uri = load_study(study_dir.resolve().as_uri())
+    pd.testing.assert_frame_equal(via_uri.runs, study.runs)
+
+
+def test_corrupt_part_names_the_file(study_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study_dir, copy)
+    (copy / "runs" / "group=kd" / "part-002.parquet").write_bytes(b"PAR1 not parquet at all")
+    with pytest.raises(ValueError, match=r"group=kd.part-002\.parquet"):
+        load_study(copy)
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_holm_hand_computed() -> None:
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(holm([math.nan, 0.5, 0.4]), [math.nan, 0.8, 0.8])
+    np.testing.assert_allclose(holm([0.6, 0.7]), [1.0, 1.0])
+
+
+def test_compare_groups_matches_scipy(study: analysis.Study) -> None:
+    table = compare_groups(study.runs).set_index("group")
+    assert list(table.index) == ["baseline", "kd", "fa", "at", "combined"]
+    for group in RUNS_ACC:
+        x = expected_acc(group)
+        low, high = sps.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sps.sem(x))
+        row = table.loc[group]
+        assert row["n"] == 3
+        assert row["mean"] == pytest.approx(x.mean())
+        assert row["std"] == pytest.approx(x.std(ddof=1))
+        assert row["ci_low"] == pytest.approx(low)
+        assert row["ci_high"] == pytest.approx(high)
+        assert row["paper"] == PAPER_ACC[group]
+        assert row["corrupt_acc_mean"] == pytest.approx(x.mean() - 10)
+    assert table.loc["kd", "mean"] == pytest.approx((83 + 84.5 + 82) / 3)
+
+    base = RUNS_ACC["baseline"]
+    for group in ("kd", "fa", "at", "combined"):
+        seeds = [s for s in RUNS_ACC[group] if s in base]
+        a = np.array([RUNS_ACC[group][s] for s in seeds]) * 100
+        b = np.array([base[s] for s in seeds]) * 100
+        assert table.loc[group, "p_vs_baseline"] == pytest.approx(sps.ttest_rel(a, b).pvalue)
+        assert table.loc[group, "diff_vs_baseline"] == pytest.approx((a - b).mean())
+    kd, at = expected_acc("kd"), expected_acc("at")
+    assert table.loc["at", "p_vs_kd"] == pytest.approx(sps.ttest_rel(at, kd).pvalue)
+    # combined pairs with baseline on seeds 0 and 1 only
+    assert table.loc["combined", "diff_vs_baseline"] == pytest.approx((4 + 2.5) / 2)
+
+    assert math.isnan(table.loc["baseline", "p_vs_baseline"])
+    assert math.isnan(table.loc["kd", "p_vs_kd"])
+    assert math.isnan(table.loc["kd", "p_vs_kd_holm"])
+    raw = table[["p_vs_baseline", "p_vs_kd"]].to_numpy()
+    assert np.count_nonzero(~np.isnan(raw)) == 8
+    adjusted = holm(raw.ravel()).reshape(raw.shape)
+    np.testing.assert_allclose(table[["p_vs_baseline_holm", "p_vs_kd_holm"]], adjusted)
+    assert (table["p_vs_baseline_holm"].dropna() >= table["p_vs_baseline"].dropna()).all()
+    assert (table["p_vs_baseline_holm"].dropna() > table["p_vs_baseline"].dropna()).any()
+
+
+def test_compare_groups_empty() -> None:
+    assert compare_groups(pd.DataFrame()).empty
+
+
+def test_best_configs_uses_full_budget_validation(study: analysis.Study) -> None:
+    best = best_configs(study.trials).set_index("group")
+    assert list(best.index) == ["baseline", "kd", "fa", "at", "combined"]
+    assert best.loc["kd", "trial_id"] == "kd-3"  # not kd-6 (0.99 after 2 epochs)
+    assert best.loc["kd", "best_val_acc"] == pytest.approx(0.90)
+    assert best.loc["kd", "cfg_T"] == pytest.approx(12.0)
+    assert best.loc["fa", "trial_id"] == "fa-2"
+
+
+def test_health_check_flags_only_planted_term(study: analysis.Study) -> None:
+    health = health_check(study.epochs)
+    flagged = health[health["flagged"]]
+    assert list(zip(flagged["group"], flagged["term"], strict=True)) == [("at", "at")]
+    terms = health.groupby("group")["term"].apply(set).to_dict()
+    assert terms == {g: set(t) for g, t in ACTIVE.items()}
+    kd_kl = health[(health["group"] == "kd") & (health["term"] == "kl")]
+    assert kd_kl["mean_share"].item() == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- importance
+
+
+def test_param_importance(study: analysis.Study) -> None:
+    found = param_importance(study.trials, SPACE, seed=0)
+    kd = found[found["group"] == "kd"].set_index("param")["importance"]
+    assert set(kd.index) == {"T", "w_ce", "w_kl"}
+    assert kd.sum() == pytest.approx(1.0, abs=1e-6)
+    assert kd.idxmax() == "T"
+    assert "baseline" not in set(found["group"])  # 2 trials only
+    again = param_importance(study.trials, SPACE, seed=0)
+    pd.testing.assert_frame_equal(found, again)
+
+
+def test_param_importance_skips_small_groups() -> None:
+    few = pd.DataFrame([{"group": "kd", "status": "completed", "best_val_acc": 0.5,
+                         "cfg_T": float(t)} for t in (1, 2)])
+    assert param_importance(few, SPACE).empty
+
+
+# ---------------------------------------------------------------- plots and report
+
+
+def assert_png(path: Path | None) -> None:
+    assert path is not None and path.is_file()
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 1000
+
+
+def test_plots_write_pngs(study: analysis.Study, tmp_path: Path) -> None:
+    assert_png(plot_learning_curves(study.epochs, tmp_path / "curves.png"))
+    assert_png(plot_asha(study.epochs, study.trials, tmp_path / "asha.png"))
+    assert_png(plot_robustness(study.robustness, tmp_path / "robustness.png"))
+    assert_png(plot_test_accuracy(compare_groups(study.runs), tmp_path / "test.png"))
+
+
+def test_plots_skip_empty_inputs(tmp_path: Path) -> None:
+    empty = pd.DataFrame()
+    assert plot_learning_curves(empty, tmp_path / "a.png") is None
+    assert plot_asha(empty, empty, tmp_path / "b.png") is None
+    assert plot_robustness(empty, tmp_path / "c.png") is None
+    assert plot_test_accuracy(compare_groups(empty), tmp_path / "d.png") is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_contents(report: Path, study: analysis.Study) -> None:
+    assert report == report.parent / "report.md" and report.parent.name == "report"
+    text = report.read_text()
+    for name in ("test_accuracy", "learning_curves", "asha", "robustness"):
+        assert f"({name}.png)" in text
+        assert_png(report.parent / f"{name}.png")
+    assert "synthetic:tiny" in text
+    kd_mean = expected_acc("kd").mean()
+    assert f"| kd | 3 | {kd_mean:.2f} |" in text
+    p = compare_groups(study.runs).set_index("group").loc["kd", "p_vs_baseline"]
+    assert f"| {p:#.3g} |" in text
+    assert "FLAGGED: term `at` in group `at`" in text
+    assert text.count("FLAGGED") == 2  # the table cell and the explicit line
+    assert "| kd | 4 | 2 | 1 | 1 | 8 |" in text  # completed, asha, early, failed, total
+    assert "kd-3" in text and "kd-6" not in text.split("## Best configuration")[1][:2000]
+    assert not list(report.parent.glob(".*tmp"))
+
+
+def test_report_without_runs(tmp_path: Path) -> None:
+    root = tmp_path / "bare"
+    root.mkdir()
+    trials = [{**t, "study": "s"} for t in trial_rows() if t["group"] == "kd"]
+    write_parts(root, "trials", "part-000.parquet", trials)
+    text = write_report(root, tmp_path / "out").read_text()
+    assert "No reproduced runs" in text
+    assert "test_accuracy.png" not in text
+    assert json.loads(export_comparison(root, "json")) == []
+
+
+def test_export_round_trips(study_dir: Path, study: analysis.Study) -> None:
+    expected = compare_groups(study.runs)
+    from_csv = pd.read_csv(io.StringIO(export_comparison(study_dir, "csv")))
+    pd.testing.assert_frame_equal(from_csv, expected, check_dtype=False)
+    from_json = pd.read_json(io.StringIO(export_comparison(study_dir, "json")), orient="records")
+    pd.testing.assert_frame_equal(from_json, expected, check_dtype=False)
+    with pytest.raises(ValueError):
+        export_comparison(study_dir, "xml")
+
+
+def test_analysis_imports_no_training_stack() -> None:
+    code = ("import sys, analysis; bad = {'torch', 'ray', 'kdcore', 'search'} & "
+            "{m.split('.')[0] for m in sys.modules}; sys.exit(sorted(bad) or 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

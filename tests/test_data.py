@@ -1,0 +1,351 @@
+"""Data: seeded batches, augmentation by hand, stratified split, subsets, ImageFolder loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kdcore.data as kdata
+from kdcore.data import (
+    DataError,
+    augment,
+    eval_batches,
+    load_data,
+    normalize,
+    stratified_split,
+    train_batches,
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_data("synthetic:20", val_size=40)
+
+
+def _batches(data, seed, epoch, batch_size=32):
+    return list(train_batches(data.train_x, data.train_y, batch_size, seed=seed, epoch=epoch,
+                              mean=data.mean, std=data.std))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded batches
+
+
+def test_train_batches_depend_only_on_seed_and_epoch(synthetic):
+    torch.manual_seed(1)
+    a = _batches(synthetic, seed=3, epoch=2)
+    torch.manual_seed(999)  # the global RNG must not matter
+    b = _batches(synthetic, seed=3, epoch=2)
+    assert len(a) == len(b) == 160 // 32
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for other in (_batches(synthetic, seed=3, epoch=3), _batches(synthetic, seed=4, epoch=2)):
+        assert not torch.equal(a[0][0], other[0][0])
+        assert not all(torch.equal(ya, yo) for (_, ya), (_, yo) in zip(a, other, strict=True))
+
+
+def test_train_batches_shapes_and_coverage(synthetic):
+    batches = _batches(synthetic, seed=0, epoch=1, batch_size=48)
+    assert len(batches) == 3  # 160 // 48, the incomplete last batch is dropped
+    for xb, yb in batches:
+        assert xb.shape == (48, 3, 32, 32) and xb.dtype == torch.float32
+        assert yb.shape == (48,) and yb.dtype == torch.int64
+    # A batch larger than the data still yields one (smaller) batch.
+    only = _batches(synthetic, seed=0, epoch=1, batch_size=1000)
+    assert len(only) == 1 and len(only[0][1]) == 160
+    # That single batch is a permutation of the whole training set.
+    assert torch.equal(only[0][1].sort().values, synthetic.train_y.sort().values)
+
+
+def test_train_batches_equal_manual_pipeline(synthetic):
+    """Order, crop offsets and flips come from epoch_generator(seed, epoch), in that order."""
+    g = kdata.epoch_generator(5, 7)
+    n = len(synthetic.train_y)
+    order = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 9, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    idx = order[:32]
+    expected = normalize(augment(synthetic.train_x[idx], offsets[idx], flips[idx]),
+                         synthetic.mean, synthetic.std)
+    xb, yb = _batches(synthetic, seed=5, epoch=7)[0]
+    assert torch.equal(yb, synthetic.train_y[idx])
+    torch.testing.assert_close(xb, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation and normalization on tiny tensors
+
+
+def _grid(h=4, w=4, c=1):
+    return (torch.arange(1, h * w * c + 1, dtype=torch.uint8).view(1, h, w, c))
+
+
+def test_crop_offset_pad_is_identity():
+    x = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    out = augment(x, torch.full((3, 2), 4), torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(out, x)
+    out2 = augment(x, torch.full((3, 2), 2), torch.zeros(3, dtype=torch.bool), pad=2)
+    assert torch.equal(out2, x)
+
+
+def test_flip_reverses_columns():
+    x = _grid()
+    out = augment(x, torch.tensor([[4, 4]]), torch.tensor([True]))
+    expected = torch.tensor([[4, 3, 2, 1], [8, 7, 6, 5], [12, 11, 10, 9], [16, 15, 14, 13]],
+                            dtype=torch.uint8).view(1, 4, 4, 1)
+    assert torch.equal(out, expected)
+
+
+def test_zero_padding_at_edges_for_offset_zero():
+    x = _grid()
+    out = augment(x, torch.tensor([[0, 0]]), torch.tensor([False]), pad=2)
+    expected = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 2], [0, 0, 5, 6]],
+                            dtype=torch.uint8).view(1, 4, 4, 1)
+    assert torch.equal(out, expected)
+    # Offset 2*pad shifts the other way: padding at the bottom and right.
+    out = augment(x, torch.tensor([[4, 4]]), torch.tensor([False]), pad=2)
+    expected = torch.tensor([[11, 12, 0, 0], [15, 16, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+                            dtype=torch.uint8).view(1, 4, 4, 1)
+    assert torch.equal(out, expected)
+    # Default pad 4 on an 8x8 image with offset 0: the top 4 rows and left 4 columns are zero.
+    big = torch.randint(1, 256, (1, 8, 8, 3), dtype=torch.uint8)
+    out = augment(big, torch.tensor([[0, 0]]), torch.tensor([False]))
+    assert torch.equal(out[0, :4], torch.zeros(4, 8, 3, dtype=torch.uint8))
+    assert torch.equal(out[0, :, :4], torch.zeros(8, 4, 3, dtype=torch.uint8))
+    assert torch.equal(out[0, 4:, 4:], big[0, :4, :4])
+
+
+def test_crop_and_flip_per_sample_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(4, 5, 6, 2), dtype=np.uint8)
+    offsets = np.array([[0, 6], [3, 3], [6, 0], [1, 5]])
+    flips = np.array([True, False, True, False])
+    out = augment(torch.from_numpy(x), torch.from_numpy(offsets), torch.from_numpy(flips), pad=3)
+    padded = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+    for b in range(4):
+        r, c = offsets[b]
+        crop = padded[b, r:r + 5, c:c + 6]
+        if flips[b]:
+            crop = crop[:, ::-1]
+        np.testing.assert_array_equal(out[b].numpy(), crop)
+
+
+def test_normalize_values_and_layout():
+    x = torch.tensor([[[[0, 255, 51]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
+    out = normalize(x, (0.5, 0.5, 0.2), (0.5, 0.25, 0.1))
+    assert out.shape == (1, 3, 1, 1)
+    torch.testing.assert_close(out.flatten(), torch.tensor([-1.0, 2.0, 0.0]))
+
+
+def test_eval_batches_are_ordered_and_unaugmented(synthetic):
+    xs, ys = zip(*eval_batches(synthetic.val_x, synthetic.val_y, 16, mean=synthetic.mean,
+                               std=synthetic.std), strict=True)
+    assert [len(y) for y in ys] == [16, 16, 8]
+    assert torch.equal(torch.cat(ys), synthetic.val_y)
+    torch.testing.assert_close(torch.cat(xs), normalize(synthetic.val_x, synthetic.mean,
+                                                        synthetic.std))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and subsets
+
+
+def test_stratified_split_deterministic_stratified_disjoint():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(3), [10, 20, 30]))
+    tr, va = stratified_split(labels, 12, seed=0)
+    tr2, va2 = stratified_split(labels, 12, seed=0)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    assert len(va) == 12 and len(tr) == 48
+    assert np.intersect1d(tr, va).size == 0
+    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(60))
+    assert np.bincount(labels[va], minlength=3).tolist() == [2, 4, 6]
+    assert np.bincount(labels[tr], minlength=3).tolist() == [8, 16, 24]
+    _, va3 = stratified_split(labels, 12, seed=1)
+    assert not np.array_equal(va, va3)
+    assert np.bincount(labels[va3], minlength=3).tolist() == [2, 4, 6]
+
+
+def test_stratified_split_rounding_and_bounds():
+    labels = np.repeat(np.arange(3), 5)
+    _, va = stratified_split(labels, 4, seed=0)
+    counts = np.bincount(labels[va], minlength=3)
+    assert counts.sum() == 4 and set(counts.tolist()) <= {1, 2}
+    tr, va = stratified_split(labels, 0)
+    assert len(va) == 0 and len(tr) == 15
+    for bad in (-1, 15):
+        with pytest.raises(DataError, match="val_size"):
+            stratified_split(labels, bad)
+
+
+def test_synthetic_load_split_and_fingerprint(synthetic):
+    d = synthetic
+    assert d.classes == tuple(f"class{i}" for i in range(10)) and d.num_classes == 10
+    assert d.train_x.shape == (160, 32, 32, 3) and d.train_x.dtype == torch.uint8
+    assert d.val_x.shape == (40, 32, 32, 3) and d.test_x.shape == (40, 32, 32, 3)
+    assert torch.bincount(d.val_y, minlength=10).tolist() == [4] * 10
+    assert torch.bincount(d.train_y, minlength=10).tolist() == [16] * 10
+    pixels = d.train_x.reshape(-1, 3).double() / 255
+    np.testing.assert_allclose(d.mean, pixels.mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(d.std, pixels.std(0, unbiased=False).numpy(), rtol=1e-6)
+    again = load_data("synthetic:20", val_size=40)
+    assert again.fingerprint == d.fingerprint
+    assert torch.equal(again.train_x, d.train_x)
+    assert load_data("synthetic:20", val_size=40, split_seed=1).fingerprint != d.fingerprint
+
+
+def test_per_class_subsetting():
+    d = load_data("synthetic:20", val_size=40, train_per_class=10, test_per_class=2)
+    assert torch.bincount(d.train_y, minlength=10).tolist() == [6] * 10
+    assert torch.bincount(d.val_y, minlength=10).tolist() == [4] * 10
+    assert torch.bincount(d.test_y, minlength=10).tolist() == [2] * 10
+    full = load_data("synthetic:20", val_size=40)
+    # The subset's images are images of the full training pool (train + val).
+    pool = torch.cat([full.train_x, full.val_x]).flatten(1)
+    sub = torch.cat([d.train_x, d.val_x]).flatten(1)
+    matches = (sub[:, None, :] == pool[None, :, :]).all(-1).sum(1)
+    assert matches.tolist() == [1] * 100
+
+
+@pytest.mark.parametrize("spec", ["nope", "synthetic:1", "synthetic:x", "imagefolder:"])
+def test_bad_specs_raise_data_error(spec):
+    with pytest.raises(DataError):
+        load_data(spec, val_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def _pixels(seed: int, size=(6, 5)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+
+
+def _make_folder(root: Path, train_n=4, test_n=2, classes=("ant", "bee")) -> dict:
+    """A tiny ImageFolder of lossless PNGs; returns the pixel arrays written, by split."""
+    written = {"train": [], "test": []}
+    seed = 0
+    for split, n in (("train", train_n), ("test", test_n)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = _pixels(seed)
+                seed += 1
+                Image.fromarray(arr).save(root / split / cls / f"{i:03d}.png")
+                written[split].append(arr)
+    return written
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("KDSEARCH_CACHE", str(path))
+    return path
+
+
+def _count_decodes(monkeypatch):
+    calls = {"n": 0}
+    original = kdata._decode_image
+
+    def counted(path):
+        calls["n"] += 1
+        return original(path)
+
+    monkeypatch.setattr(kdata, "_decode_image", counted)
+    return calls
+
+
+def test_imagefolder_loads_pixels_labels_and_uses_cache(tmp_path, cache, monkeypatch):
+    root = tmp_path / "data"
+    written = _make_folder(root)
+    calls = _count_decodes(monkeypatch)
+    d = load_data(f"imagefolder:{root}", val_size=2)
+    assert calls["n"] == 12
+    assert d.classes == ("ant", "bee")
+    assert d.train_x.shape == (6, 6, 5, 3) and d.val_x.shape == (2, 6, 5, 3)
+    assert torch.bincount(d.val_y).tolist() == [1, 1]
+    np.testing.assert_array_equal(d.test_x.numpy(), np.stack(written["test"]))
+    assert d.test_y.tolist() == [0, 0, 1, 1]
+    # Train + val together are exactly the training files, each with its class label.
+    got = {(arr.tobytes(), int(lbl)) for arr, lbl in
+           zip(torch.cat([d.train_x, d.val_x]).numpy(), torch.cat([d.train_y, d.val_y]).tolist(),
+               strict=True)}
+    expected = {(arr.tobytes(), i // 4) for i, arr in enumerate(written["train"])}
+    assert got == expected
+    assert list(cache.glob("imagefolder-*/train_x.npy"))
+
+    d2 = load_data(f"imagefolder:{root}", val_size=2)
+    assert calls["n"] == 12  # second load reads the cache, decodes nothing
+    assert d2.fingerprint == d.fingerprint and torch.equal(d2.train_x, d.train_x)
+
+    # Changing a file invalidates the cache.
+    Image.fromarray(_pixels(99)).save(root / "test" / "bee" / "001.png")
+    os.utime(root / "test" / "bee" / "001.png", ns=(1, 1))
+    d3 = load_data(f"imagefolder:{root}", val_size=2)
+    assert calls["n"] == 24
+    np.testing.assert_array_equal(d3.test_x[3].numpy(), _pixels(99))
+
+
+def test_imagefolder_mismatched_class_folders(tmp_path, cache):
+    root = tmp_path / "data"
+    _make_folder(root)
+    (root / "test" / "bee").rename(root / "test" / "wasp")
+    with pytest.raises(DataError, match="class folders differ"):
+        load_data(f"imagefolder:{root}", val_size=2)
+
+
+def test_imagefolder_empty_class_folder(tmp_path, cache):
+    root = tmp_path / "data"
+    _make_folder(root)
+    (root / "train" / "cat").mkdir()
+    (root / "test" / "cat").mkdir()
+    with pytest.raises(DataError, match="empty class folder"):
+        load_data(f"imagefolder:{root}", val_size=2)
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", "truncated"])
+def test_imagefolder_corrupt_file_names_the_file(tmp_path, cache, content):
+    root = tmp_path / "data"
+    _make_folder(root)
+    bad = root / "train" / "bee" / "bad.jpg"
+    if content == "truncated":
+        from io import BytesIO
+
+        buf = BytesIO()
+        Image.fromarray(_pixels(7, (32, 32))).save(buf, format="JPEG")
+        content = buf.getvalue()[:200]
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match="bad.jpg"):
+        load_data(f"imagefolder:{root}", val_size=2)
+
+
+def test_imagefolder_missing_paths(tmp_path, cache):
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(f"imagefolder:{tmp_path / 'nowhere'}", val_size=2)
+    root = tmp_path / "data"
+    _make_folder(root)
+    import shutil
+
+    shutil.rmtree(root / "test")
+    with pytest.raises(DataError, match="missing folder"):
+        load_data(f"imagefolder:{root}", val_size=2)
+
+
+def test_imagefolder_size_mismatch(tmp_path, cache):
+    root = tmp_path / "data"
+    _make_folder(root)
+    Image.fromarray(_pixels(3, (7, 5))).save(root / "train" / "ant" / "zzz.png")
+    with pytest.raises(DataError, match="zzz.png"):
+        load_data(f"imagefolder:{root}", val_size=2)
+
+
+def test_dataset_to_moves_every_tensor(synthetic):
+    moved = synthetic.to("cpu")
+    assert moved.fingerprint == synthetic.fingerprint
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(moved, name), getattr(synthetic, name))
