@@ -65,6 +65,11 @@ def read_config(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
 
 def read_table(fs: pafs.FileSystem, path: str, name: str) -> pd.DataFrame:
     """Read one hive-partitioned dataset and keep one row per key of table ``name``."""
+    return deduplicate(read_parts(fs, path, name), name)
+
+
+def read_parts(fs: pafs.FileSystem, path: str, name: str) -> pd.DataFrame:
+    """Every row of one hive-partitioned dataset as written (duplicates included)."""
     files = parquet_files(fs, path)
     if not files:
         return pd.DataFrame(columns=COLUMNS[name])
@@ -80,7 +85,7 @@ def read_table(fs: pafs.FileSystem, path: str, name: str) -> pd.DataFrame:
     frame = table.to_pandas()
     if "group" in frame:
         frame["group"] = frame["group"].astype(str)
-    return deduplicate(frame, name)
+    return frame
 
 
 def parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:

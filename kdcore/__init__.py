@@ -5,6 +5,14 @@ from .data import DataError, Dataset, load_data
 from .train import DivergedError, FitResult, fit
 
 __all__ = [
-    "GROUPS", "GROUP_TERMS", "TERMS", "TrialConfig", "DataError", "Dataset", "load_data",
-    "DivergedError", "FitResult", "fit",
+    "GROUPS",
+    "GROUP_TERMS",
+    "TERMS",
+    "TrialConfig",
+    "DataError",
+    "Dataset",
+    "load_data",
+    "DivergedError",
+    "FitResult",
+    "fit",
 ]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from .config import TrialConfig
 from .data import Dataset, train_batches
 from .models import build_model
@@ -26,8 +27,15 @@ from .objective import build_connectors
 from .train import build_student, prepare_teacher, train_step
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name match.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
-                    "A100": 312.0, "L4": 121.0, "L40S": 362.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "L40S": 362.0,
+}
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,14 @@ class BenchSpec:
 
 def _config(spec: BenchSpec) -> TrialConfig:
     return TrialConfig.for_group(
-        spec.group, student=spec.student, teacher=spec.teacher, student_width=spec.width,
-        teacher_width=spec.width, batch_size=spec.batch, device=spec.device, compile=spec.compile,
+        spec.group,
+        student=spec.student,
+        teacher=spec.teacher,
+        student_width=spec.width,
+        teacher_width=spec.width,
+        batch_size=spec.batch,
+        device=spec.device,
+        compile=spec.compile,
     )
 
 
@@ -59,12 +73,14 @@ class _PILDataset(torch.utils.data.Dataset):
         from torchvision import transforms
 
         self.images, self.labels = images, labels
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(images.shape[1], padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(images.shape[1], padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,12 +99,19 @@ def _batches(spec: BenchSpec, data: Dataset, config: TrialConfig):
         epoch = 0
         while True:
             epoch += 1
-            yield from train_batches(x, y, spec.batch, seed=0, epoch=epoch, mean=data.mean, std=data.std)
+            yield from train_batches(
+                x, y, spec.batch, seed=0, epoch=epoch, mean=data.mean, std=data.std
+            )
     elif spec.feed == "dataloader":
         ds = _PILDataset(data.train_x.numpy(), data.train_y.numpy(), data.mean, data.std)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=spec.batch, shuffle=True, drop_last=True, num_workers=spec.workers,
-            pin_memory=device.type == "cuda", persistent_workers=spec.workers > 0,
+            ds,
+            batch_size=spec.batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=spec.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=spec.workers > 0,
         )
         while True:
             for xb, yb in loader:
@@ -125,7 +148,8 @@ def run_bench(spec: BenchSpec, data: Dataset) -> dict:
     teacher = None
     if config.needs_teacher:
         teacher = prepare_teacher(
-            build_model(spec.teacher, data.num_classes, width=spec.width, cbam=True), config)
+            build_model(spec.teacher, data.num_classes, width=spec.width, cbam=True), config
+        )
     connectors = build_connectors(config, student, teacher).to(spec.device)
     if cuda:
         student = student.to(memory_format=torch.channels_last)
@@ -151,9 +175,16 @@ def run_bench(spec: BenchSpec, data: Dataset) -> dict:
     batches.close()  # stops DataLoader workers so they do not compete with later measurements
     images_per_s = spec.steps * spec.batch / seconds
     row = {
-        "group": spec.group, "feed": spec.feed, "device": spec.device, "batch": spec.batch,
-        "student": spec.student, "teacher": spec.teacher, "width": spec.width,
-        "steps": spec.steps, "images_per_s": images_per_s, "step_ms": 1000 * seconds / spec.steps,
+        "group": spec.group,
+        "feed": spec.feed,
+        "device": spec.device,
+        "batch": spec.batch,
+        "student": spec.student,
+        "teacher": spec.teacher,
+        "width": spec.width,
+        "steps": spec.steps,
+        "images_per_s": images_per_s,
+        "step_ms": 1000 * seconds / spec.steps,
         "threads": torch.get_num_threads(),
     }
     flops = step_flops(config, student, teacher, connectors, optimizer, xb, yb)
@@ -202,4 +233,3 @@ def run_concurrent(spec: BenchSpec, data: Dataset, k: int, threads: int | None =
         "images_per_s_slowest": min(r["images_per_s"] for r in rows) * k,
         "gpu_mem_gib": rows[0].get("gpu_mem_gib"),
     }
-

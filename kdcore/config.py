@@ -64,7 +64,7 @@ class TrialConfig:
 
     @classmethod
     def for_group(cls, group: str, **overrides) -> TrialConfig:
-        """The group's preset (its terms at default weights, 50% masks where masked) plus overrides."""
+        """The group's preset (its terms at default weights, 50% masks if masked) plus overrides."""
         if group not in GROUP_TERMS:
             raise ValueError(f"group: unknown {group!r}, expected one of {list(GROUPS)}")
         preset = {f"w_{t}": (DEFAULT_WEIGHTS[t] if t in GROUP_TERMS[group] else 0.0) for t in TERMS}
@@ -117,8 +117,14 @@ def _validate(c: TrialConfig) -> None:
         arch = getattr(c, name)
         _check(arch in ARCHITECTURES, name, f"unknown architecture {arch!r}")
         width = getattr(c, f"{name}_width")
-        _check(_finite(width) and width > 0, f"{name}_width", f"must be a finite number > 0, got {width!r}")
-    _check(c.stem in ("cifar", "imagenet"), "stem", f"expected 'cifar' or 'imagenet', got {c.stem!r}")
+        _check(
+            _finite(width) and width > 0,
+            f"{name}_width",
+            f"must be a finite number > 0, got {width!r}",
+        )
+    _check(
+        c.stem in ("cifar", "imagenet"), "stem", f"expected 'cifar' or 'imagenet', got {c.stem!r}"
+    )
     _check(_finite(c.T) and c.T > 0, "T", f"must be a finite number > 0, got {c.T!r}")
     for term in TERMS:
         w = c.weight(term)
@@ -126,24 +132,61 @@ def _validate(c: TrialConfig) -> None:
         if term not in GROUP_TERMS[c.group]:
             _check(w == 0, f"w_{term}", f"group {c.group!r} does not use the {term} term, got {w}")
     _check(bool(c.active_terms), "w_ce", "at least one loss weight must be > 0")
-    _check(_finite(c.mask_pct) and 0 <= c.mask_pct < 100, "mask_pct",
-           f"must be in [0, 100), got {c.mask_pct!r}")
-    _check(c.mask_target in ("label", "prediction"), "mask_target",
-           f"expected 'label' or 'prediction', got {c.mask_target!r}")
-    _check(len(c.stages) > 0 and all(s in STAGES for s in c.stages) and len(set(c.stages)) == len(c.stages),
-           "stages", f"must be distinct names among {list(STAGES)}, got {list(c.stages)}")
+    _check(
+        _finite(c.mask_pct) and 0 <= c.mask_pct < 100,
+        "mask_pct",
+        f"must be in [0, 100), got {c.mask_pct!r}",
+    )
+    _check(
+        c.mask_target in ("label", "prediction"),
+        "mask_target",
+        f"expected 'label' or 'prediction', got {c.mask_target!r}",
+    )
+    _check(
+        len(c.stages) > 0
+        and all(s in STAGES for s in c.stages)
+        and len(set(c.stages)) == len(c.stages),
+        "stages",
+        f"must be distinct names among {list(STAGES)}, got {list(c.stages)}",
+    )
     _check(_finite(c.lr) and c.lr > 0, "lr", f"must be a finite number > 0, got {c.lr!r}")
-    _check(_finite(c.momentum) and 0 <= c.momentum < 1, "momentum", f"must be in [0, 1), got {c.momentum!r}")
-    _check(_finite(c.weight_decay) and c.weight_decay >= 0, "weight_decay",
-           f"must be a finite number >= 0, got {c.weight_decay!r}")
-    _check(c.lr_schedule in ("constant", "cosine"), "lr_schedule",
-           f"expected 'constant' or 'cosine', got {c.lr_schedule!r}")
+    _check(
+        _finite(c.momentum) and 0 <= c.momentum < 1,
+        "momentum",
+        f"must be in [0, 1), got {c.momentum!r}",
+    )
+    _check(
+        _finite(c.weight_decay) and c.weight_decay >= 0,
+        "weight_decay",
+        f"must be a finite number >= 0, got {c.weight_decay!r}",
+    )
+    _check(
+        c.lr_schedule in ("constant", "cosine"),
+        "lr_schedule",
+        f"expected 'constant' or 'cosine', got {c.lr_schedule!r}",
+    )
     for name in ("epochs", "batch_size", "eval_batch_size"):
         v = getattr(c, name)
-        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be an integer > 0, got {v!r}")
-    _check(isinstance(c.patience, int) and c.patience >= 0, "patience", f"must be an integer >= 0, got {c.patience!r}")
-    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", f"must be an integer >= 0, got {c.seed!r}")
-    _check(c.device == "cpu" or c.device.startswith(("cuda", "mps")), "device",
-           f"expected cpu, cuda, cuda:N or mps, got {c.device!r}")
-    _check(c.precision in ("auto", "fp32", "bf16"), "precision",
-           f"expected auto, fp32 or bf16, got {c.precision!r}")
+        _check(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            name,
+            f"must be an integer > 0, got {v!r}",
+        )
+    _check(
+        isinstance(c.patience, int) and c.patience >= 0,
+        "patience",
+        f"must be an integer >= 0, got {c.patience!r}",
+    )
+    _check(
+        isinstance(c.seed, int) and c.seed >= 0, "seed", f"must be an integer >= 0, got {c.seed!r}"
+    )
+    _check(
+        c.device == "cpu" or c.device.startswith(("cuda", "mps")),
+        "device",
+        f"expected cpu, cuda, cuda:N or mps, got {c.device!r}",
+    )
+    _check(
+        c.precision in ("auto", "fp32", "bf16"),
+        "precision",
+        f"expected auto, fp32 or bf16, got {c.precision!r}",
+    )

@@ -28,9 +28,17 @@ import torch
 from torch import Tensor
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 
 
 class DataError(ValueError):
@@ -88,12 +96,17 @@ def _decode_image(path: Path) -> np.ndarray:
 def _list_imagefolder(split_dir: Path) -> dict[str, list[Path]]:
     if not split_dir.is_dir():
         raise DataError(f"missing folder {split_dir}")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    classes = sorted(
+        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if not classes:
         raise DataError(f"no class folders in {split_dir}")
     files = {}
     for cls in classes:
-        paths = sorted(p for p in (split_dir / cls).iterdir() if p.is_file())
+        # Hidden files (.DS_Store and the like) are skipped; any other file must be an image.
+        paths = sorted(
+            p for p in (split_dir / cls).iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         if not paths:
             raise DataError(f"empty class folder {split_dir / cls}")
         files[cls] = paths
@@ -108,8 +121,10 @@ def _decode_split(files: dict[str, list[Path]], size: tuple[int, int] | None):
             if size is None:
                 size = img.shape[:2]
             if img.shape[:2] != size:
-                raise DataError(f"image {path} is {img.shape[1]}x{img.shape[0]}, expected "
-                                f"{size[1]}x{size[0]} like the others")
+                raise DataError(
+                    f"image {path} is {img.shape[1]}x{img.shape[0]}, expected "
+                    f"{size[1]}x{size[0]} like the others"
+                )
             images.append(img)
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64), size
@@ -173,8 +188,10 @@ def _cifar10(root: str | None):
             "use --data imagefolder:PATH for a local copy"
         ) from None
     return (
-        np.asarray(train.data, dtype=np.uint8), np.asarray(train.targets, dtype=np.int64),
-        np.asarray(test.data, dtype=np.uint8), np.asarray(test.targets, dtype=np.int64),
+        np.asarray(train.data, dtype=np.uint8),
+        np.asarray(train.targets, dtype=np.int64),
+        np.asarray(test.data, dtype=np.uint8),
+        np.asarray(test.targets, dtype=np.int64),
         tuple(train.classes),
     )
 
@@ -189,7 +206,7 @@ def _synthetic(per_class: int, num_classes: int = 10):
         x = rng.normal(110, 40, size=(len(y), 32, 32, 3)) + colours[y][:, None, None, :]
         for i, label in enumerate(y):
             r, c = divmod(label % 4, 2)
-            x[i, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] += 50
+            x[i, r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] += 50
         return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
     train_x, train_y = make(per_class)
@@ -234,7 +251,7 @@ def _take_per_class(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 def stratified_split(labels: np.ndarray, val_size: int, seed: int = 0):
     """Deterministic split of ``labels`` into (train_idx, val_idx) with classes in proportion."""
     if not 0 <= val_size < len(labels):
-        raise DataError(f"val_size must be in [0, {len(labels)}), got {val_size}")
+        raise DataError(f"val_size: must be in [0, {len(labels)}), got {val_size}")
     rng = np.random.default_rng(seed)
     groups = _per_class_indices(labels, rng)
     shares = np.array([len(g) for g in groups]) * val_size / len(labels)
@@ -275,11 +292,17 @@ def load_data(
     for arr in (train_x[tr], train_y[tr], train_x[va], train_y[va], test_x, test_y):
         digest.update(np.ascontiguousarray(arr).tobytes())
     return Dataset(
-        train_x=torch.from_numpy(train_x[tr]), train_y=torch.from_numpy(train_y[tr]),
-        val_x=torch.from_numpy(train_x[va]), val_y=torch.from_numpy(train_y[va]),
-        test_x=torch.from_numpy(np.ascontiguousarray(test_x)), test_y=torch.from_numpy(test_y),
-        classes=tuple(classes), mean=mean, std=std,
-        fingerprint=digest.hexdigest()[:16], spec=spec,
+        train_x=torch.from_numpy(train_x[tr]),
+        train_y=torch.from_numpy(train_y[tr]),
+        val_x=torch.from_numpy(train_x[va]),
+        val_y=torch.from_numpy(train_y[va]),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_y=torch.from_numpy(test_y),
+        classes=tuple(classes),
+        mean=mean,
+        std=std,
+        fingerprint=digest.hexdigest()[:16],
+        spec=spec,
     )
 
 
@@ -331,7 +354,7 @@ def train_batches(
     order, offsets, flips = order.to(device), offsets.to(device), flips.to(device)
     n_batches = max(n // batch_size, 1)
     for i in range(n_batches):
-        idx = order[i * batch_size:(i + 1) * batch_size]
+        idx = order[i * batch_size : (i + 1) * batch_size]
         xb = augment(x[idx], offsets[idx], flips[idx], pad)
         yield normalize(xb, mean, std), y[idx]
 
@@ -341,4 +364,4 @@ def eval_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalized batches in order, without augmentation."""
     for i in range(0, len(y), batch_size):
-        yield normalize(x[i:i + batch_size], mean, std), y[i:i + batch_size]
+        yield normalize(x[i : i + batch_size], mean, std), y[i : i + batch_size]

@@ -58,8 +58,12 @@ def corrupt(x: Tensor, corruption: str, severity: int, g: torch.Generator) -> Te
         left = (rand(b) * (w - side + 1)).long()
         rows = torch.arange(h, device=x.device)[None, :, None]
         cols = torch.arange(w, device=x.device)[None, None, :]
-        inside = ((rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
-                  & (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None]))
+        inside = (
+            (rows >= top[:, None, None])
+            & (rows < (top + side)[:, None, None])
+            & (cols >= left[:, None, None])
+            & (cols < (left + side)[:, None, None])
+        )
         out = torch.where(inside[:, None], 0.5, x)
     else:
         raise ValueError(f"corruption: unknown {corruption!r}, expected one of {list(CORRUPTIONS)}")
@@ -83,10 +87,10 @@ def accuracy(
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     for i in range(0, len(y), batch_size):
-        xb = x_uint8[i:i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
+        xb = x_uint8[i : i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
         if transform is not None:
             xb = transform(xb)
-        yb = y[i:i + batch_size].to(device)
+        yb = y[i : i + batch_size].to(device)
         logits, _ = model((xb - m) / s)
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
@@ -95,23 +99,41 @@ def accuracy(
 
 
 def robustness(
-    model: nn.Module, x_uint8: Tensor, y: Tensor, mean, std, batch_size: int = 512,
-    corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    model: nn.Module,
+    x_uint8: Tensor,
+    y: Tensor,
+    mean,
+    std,
+    batch_size: int = 512,
+    corruptions: tuple[str, ...] = CORRUPTIONS,
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
 ) -> list[dict]:
     """Accuracy under each corruption and severity: rows of {corruption, severity, acc}."""
     rows = []
     for ci, name in enumerate(corruptions):
         for sev in severities:
             g = torch.Generator().manual_seed(1000 * ci + sev)
-            _, acc = accuracy(model, x_uint8, y, mean, std, batch_size,
-                              transform=lambda xb, n=name, s=sev, g=g: corrupt(xb, n, s, g))
+            _, acc = accuracy(
+                model,
+                x_uint8,
+                y,
+                mean,
+                std,
+                batch_size,
+                transform=lambda xb, n=name, s=sev, g=g: corrupt(xb, n, s, g),
+            )
             rows.append({"corruption": name, "severity": sev, "acc": acc})
     return rows
 
 
 @torch.no_grad()
-def speed(model: nn.Module, image_shape=(3, 32, 32), device: str = "cpu",
-          repeats: int = 20, large_batch: int = 256) -> dict:
+def speed(
+    model: nn.Module,
+    image_shape=(3, 32, 32),
+    device: str = "cpu",
+    repeats: int = 20,
+    large_batch: int = 256,
+) -> dict:
     """Median latency per sample at batch 1 (ms) and throughput at ``large_batch`` (images/s)."""
     model = model.to(device).eval()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -130,17 +152,27 @@ def speed(model: nn.Module, image_shape=(3, 32, 32), device: str = "cpu",
 
     return {
         "latency_ms_bs1": 1000 * median_seconds(1, repeats),
-        f"images_per_s_bs{large_batch}": large_batch / median_seconds(large_batch, max(3, repeats // 5)),
+        f"images_per_s_bs{large_batch}": large_batch
+        / median_seconds(large_batch, max(3, repeats // 5)),
     }
 
 
-def evaluate_student(model: nn.Module, data, device: str = "cpu", batch_size: int = 512,
-                     with_robustness: bool = True, speed_repeats: int = 20) -> dict:
+def evaluate_student(
+    model: nn.Module,
+    data,
+    device: str = "cpu",
+    batch_size: int = 512,
+    with_robustness: bool = True,
+    speed_repeats: int = 20,
+) -> dict:
     """Everything ``reproduce`` records for one student: test metrics, robustness, size, speed."""
     model = model.to(device).eval()
     test_loss, test_acc = accuracy(model, data.test_x, data.test_y, data.mean, data.std, batch_size)
-    rows = robustness(model, data.test_x, data.test_y, data.mean, data.std, batch_size) \
-        if with_robustness else []
+    rows = (
+        robustness(model, data.test_x, data.test_y, data.mean, data.std, batch_size)
+        if with_robustness
+        else []
+    )
     result = {
         "test_acc": test_acc,
         "test_loss": test_loss,

@@ -29,7 +29,9 @@ def top_positions_mask(cam: Tensor, mask_pct: float) -> Tensor:
     return mask.scatter_(1, idx, 1.0).view(b, h, w)
 
 
-def gradcam(score: Tensor, features: dict[str, Tensor], stages: tuple[str, ...]) -> dict[str, Tensor]:
+def gradcam(
+    score: Tensor, features: dict[str, Tensor], stages: tuple[str, ...]
+) -> dict[str, Tensor]:
     """Grad-CAM maps (B, H, W) in [0, 1] of ``score`` (a scalar) at each stage."""
     grads = torch.autograd.grad(score, [features[s] for s in stages])
     cams = {}

@@ -15,15 +15,22 @@ from .losses import attention_transfer, feature_alignment, kd_kl, make_connector
 from .masks import teacher_forward_with_masks
 
 
-def build_connectors(config: TrialConfig, student: nn.Module, teacher: nn.Module | None) -> nn.ModuleDict:
+def build_connectors(
+    config: TrialConfig, student: nn.Module, teacher: nn.Module | None
+) -> nn.ModuleDict:
     """One FA connector per distilled stage when the FA term is active, else an empty dict."""
     if config.w_fa <= 0:
         return nn.ModuleDict()
     if teacher is None:
-        raise ValueError(f"teacher: group {config.group!r} uses feature alignment and needs a teacher")
-    return nn.ModuleDict({
-        s: make_connector(student.stage_channels[s], teacher.stage_channels[s]) for s in config.stages
-    })
+        raise ValueError(
+            f"teacher: group {config.group!r} uses feature alignment and needs a teacher"
+        )
+    return nn.ModuleDict(
+        {
+            s: make_connector(student.stage_channels[s], teacher.stage_channels[s])
+            for s in config.stages
+        }
+    )
 
 
 def loss_terms(
@@ -62,7 +69,8 @@ def loss_terms(
         ) / len(config.stages)
     if config.w_fa > 0:
         terms["fa"] = sum(
-            feature_alignment(s_feats[s], t_feats[s], connectors[s], masks[s]) for s in config.stages
+            feature_alignment(s_feats[s], t_feats[s], connectors[s], masks[s])
+            for s in config.stages
         ) / len(config.stages)
     return logits, terms
 
@@ -85,7 +93,9 @@ def gradient_shares(
         if not v.requires_grad:  # fully detached (no graph at all): it cannot reach the student
             norms[t] = torch.zeros((), device=v.device)
             continue
-        grads = torch.autograd.grad(config.weight(t) * v, params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            config.weight(t) * v, params, retain_graph=True, allow_unused=True
+        )
         sq = [g.float().pow(2).sum() for g in grads if g is not None]
         norms[t] = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=v.device)
     total = torch.stack(list(norms.values())).sum().clamp_min(1e-30)

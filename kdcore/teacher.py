@@ -43,10 +43,18 @@ class TeacherConfig:
     def trial_config(self) -> TrialConfig:
         """The CE-only ``TrialConfig`` that trains this teacher as a 'student'."""
         return TrialConfig(
-            group="baseline", student=self.arch, student_width=self.width,
-            student_cbam=self.cbam, stem=self.stem, epochs=self.epochs,
-            batch_size=self.batch_size, lr=self.lr, lr_schedule=self.lr_schedule,
-            patience=self.patience, seed=self.seed, device=self.device,
+            group="baseline",
+            student=self.arch,
+            student_width=self.width,
+            student_cbam=self.cbam,
+            stem=self.stem,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            patience=self.patience,
+            seed=self.seed,
+            device=self.device,
         )
 
     def content_hash(self, data: Dataset) -> str:
@@ -79,7 +87,9 @@ def load_teacher(path: str | Path, config: TeacherConfig, num_classes: int) -> n
         blob = torch.load(path, map_location="cpu", weights_only=True)
         state = blob["state_dict"]
     except Exception as exc:  # damaged, foreign or pickled-object files
-        raise ValueError(f"cannot read teacher checkpoint {path}: {exc.__class__.__name__}") from None
+        raise ValueError(
+            f"cannot read teacher checkpoint {path}: {exc.__class__.__name__}"
+        ) from None
     model = build_teacher(config, num_classes)
     try:
         model.load_state_dict(state)
@@ -109,8 +119,11 @@ def get_teacher(
         return model, digest, meta
     result = fit(config.trial_config(), data, report=report)
     meta = {
-        "hash": digest, "val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run, "data": data.fingerprint,
+        "hash": digest,
+        "val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "data": data.fingerprint,
     }
     model = result.student.cpu().eval().requires_grad_(False)
     save_teacher(path, model, meta)

@@ -69,7 +69,9 @@ def autocast(config: TrialConfig):
 def build_student(config: TrialConfig, num_classes: int) -> nn.Module:
     """The student of ``config``, initialized from ``config.seed``."""
     torch.manual_seed(config.seed)
-    return build_model(config.student, num_classes, config.stem, config.student_width, config.student_cbam)
+    return build_model(
+        config.student, num_classes, config.stem, config.student_width, config.student_cbam
+    )
 
 
 def prepare_teacher(teacher: nn.Module, config: TrialConfig) -> nn.Module:
@@ -180,8 +182,13 @@ def fit(
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    best = {"val_loss": math.inf, "val_acc": 0.0, "epoch": 0, "bad_epochs": 0,
-            "student": copy.deepcopy(student.state_dict())}
+    best = {
+        "val_loss": math.inf,
+        "val_acc": 0.0,
+        "epoch": 0,
+        "bad_epochs": 0,
+        "student": copy.deepcopy(student.state_dict()),
+    }
     history: list[dict] = []
     start = 1
     status = "completed"
@@ -214,12 +221,25 @@ def fit(
         shares: dict[str, Tensor] = {}
         n_images = 0
         n_steps = 0
-        batches = train_batches(data.train_x, data.train_y, config.batch_size,
-                                seed=config.seed, epoch=epoch, mean=data.mean, std=data.std)
+        batches = train_batches(
+            data.train_x,
+            data.train_y,
+            config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            mean=data.mean,
+            std=data.std,
+        )
         for xb, yb in batches:
             # gradient-share diagnostics on the epoch's first batch only (one backward per term)
             total, terms, step_shares = train_step(
-                config, forward, teacher, connectors, optimizer, xb, yb,
+                config,
+                forward,
+                teacher,
+                connectors,
+                optimizer,
+                xb,
+                yb,
                 share_params=student_params if n_steps == 0 else None,
             )
             shares = step_shares or shares
@@ -233,14 +253,21 @@ def fit(
         if not math.isfinite(train_loss):
             bad = [t for t, v in term_sums.items() if not math.isfinite(v.item())]
             raise DivergedError(epoch, f"terms {bad or ['total']} are not finite")
-        val_loss, val_acc = evaluate_split(student, data.val_x, data.val_y, config, data.mean, data.std)
+        val_loss, val_acc = evaluate_split(
+            student, data.val_x, data.val_y, config, data.mean, data.std
+        )
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
 
         if val_loss < best["val_loss"]:
-            best.update(val_loss=val_loss, val_acc=val_acc, epoch=epoch, bad_epochs=0,
-                        student=copy.deepcopy(student.state_dict()))
+            best.update(
+                val_loss=val_loss,
+                val_acc=val_acc,
+                epoch=epoch,
+                bad_epochs=0,
+                student=copy.deepcopy(student.state_dict()),
+            )
         else:
             best["bad_epochs"] += 1
             if config.patience and best["bad_epochs"] >= config.patience and epoch < config.epochs:
@@ -248,7 +275,10 @@ def fit(
         metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
-            **{f"loss_{t}": (term_sums[t].item() / n_steps if t in term_sums else math.nan) for t in TERMS},
+            **{
+                f"loss_{t}": (term_sums[t].item() / n_steps if t in term_sums else math.nan)
+                for t in TERMS
+            },
             **{f"gshare_{t}": (shares[t].item() if t in shares else math.nan) for t in TERMS},
             "val_loss": val_loss,
             "val_acc": val_acc,
@@ -261,7 +291,9 @@ def fit(
         if report is not None:
             report(metrics, _state(epoch, student, connectors, optimizer, best, history, config))
 
-    student.load_state_dict(best["student"])
+    # A fresh module for the best epoch, so states already handed to ``report`` stay unchanged.
+    best_student = build_student(config, data.num_classes).to(device)
+    best_student.load_state_dict(best["student"])
     return FitResult(
         status=status,
         epochs_run=len(history),
@@ -269,6 +301,6 @@ def fit(
         best_val_acc=best["val_acc"],
         best_val_loss=best["val_loss"],
         history=history,
-        student=student,
+        student=best_student,
         connectors=connectors,
     )

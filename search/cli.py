@@ -19,45 +19,78 @@ class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _common(p: argparse.ArgumentParser, storage: bool = True) -> None:
-    p.add_argument("--data", default=os.environ.get("KDSEARCH_DATA", "cifar10"),
-                   help="data spec: cifar10[:ROOT], imagefolder:PATH or synthetic[:N] "
-                        "(default: $KDSEARCH_DATA or cifar10)")
+    p.add_argument(
+        "--data",
+        default=os.environ.get("KDSEARCH_DATA", "cifar10"),
+        help="data spec: cifar10[:ROOT], imagefolder:PATH or synthetic[:N] "
+        "(default: $KDSEARCH_DATA or cifar10)",
+    )
     if storage:
-        p.add_argument("--storage", default=os.environ.get("KDSEARCH_STORAGE", "./kdsearch-results"),
-                       help="results root: a local path or a pyarrow filesystem URI "
-                            "(default: $KDSEARCH_STORAGE or ./kdsearch-results)")
+        p.add_argument(
+            "--storage",
+            default=os.environ.get("KDSEARCH_STORAGE", "./kdsearch-results"),
+            help="results root: a local path or a pyarrow filesystem URI "
+            "(default: $KDSEARCH_STORAGE or ./kdsearch-results)",
+        )
         p.add_argument("--study", default=None, help="study name (a directory under --storage)")
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run a study (tune, reproduce, run)."""
-    p.add_argument("--preset", choices=("smoke", "paper"), default=None,
-                   help="start from a preset study config (see README)")
+    p.add_argument(
+        "--preset",
+        choices=("smoke", "paper"),
+        default=None,
+        help="start from a preset study config (see README)",
+    )
     p.add_argument("--config", default=None, help="study config file (TOML or YAML)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per trial")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="address of a running Ray cluster (default: start Ray locally)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="address of a running Ray cluster (default: start Ray locally)",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPUs per trial; fractions share one GPU between trials")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs per trial; fractions share one GPU between trials",
+    )
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
     p.add_argument("--device", default=None, help="training device in each trial (cpu, cuda)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdsearch", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="kdsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one trial from a config (no Ray)")
     _common(p)
     p.add_argument("--group", choices=GROUP_CHOICES, default="kd")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrialConfig field, e.g. --set T=4 --set w_kl=0.9 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrialConfig field, e.g. --set T=4 --set w_kl=0.9 (repeatable)",
+    )
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--train-per-class", type=int, default=None)
-    p.add_argument("--teacher-epochs", type=int, default=None,
-                   help="epochs to train the teacher if it is not cached yet")
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="epochs to train the teacher if it is not cached yet",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
 
     p = sub.add_parser("teacher", help="train (or load from cache) the teacher of a study")
@@ -80,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="write the study's report (Markdown + PNG figures)")
     _common(p)
     p.add_argument("--out", default=None, help="report directory (default: <study>/report)")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md",
-                   help="md writes the report; csv/json print the comparison table")
+    p.add_argument(
+        "--format",
+        choices=("md", "csv", "json"),
+        default="md",
+        help="md writes the report; csv/json print the comparison table",
+    )
 
     p = sub.add_parser("run", help="teacher, tune, reproduce and analyze in sequence (resumable)")
     _common(p)
@@ -89,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
 
-    p = sub.add_parser("bench", help="images/s of one training step per group, device vs DataLoader feed")
+    p = sub.add_parser(
+        "bench", help="images/s of one training step per group, device vs DataLoader feed"
+    )
     _common(p, storage=False)
     p.add_argument("--group", choices=(*GROUP_CHOICES, "all"), default="all")
     p.add_argument("--device", default="cpu")
@@ -102,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--feeds", default="device,dataloader", help="comma-separated feeds to time")
-    p.add_argument("--concurrent", type=int, default=1,
-                   help="K trials sharing the device (CUDA): total images/s of K processes")
+    p.add_argument(
+        "--concurrent",
+        type=int,
+        default=1,
+        help="K trials sharing the device (CUDA): total images/s of K processes",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser

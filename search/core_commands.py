@@ -35,9 +35,13 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 def _progress(prefix: str):
     def report(metrics: dict, state: dict) -> None:
-        print(f"{prefix} epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  "
-              f"val_loss {metrics['val_loss']:.4f}  val_acc {100 * metrics['val_acc']:.2f}%  "
-              f"{metrics['images_per_s']:.0f} img/s", flush=True)
+        print(
+            f"{prefix} epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f}  val_acc {100 * metrics['val_acc']:.2f}%  "
+            f"{metrics['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+
     return report
 
 
@@ -61,16 +65,28 @@ def cmd_train(args) -> int:
     from kdcore.train import load_checkpoint
 
     config = TrialConfig.for_group(args.group, **_parse_overrides(args.set))
-    out = study_dir(args.storage, args.study or "train") / "train" / f"{config.group}-seed{config.seed}"
+    out = (
+        study_dir(args.storage, args.study or "train")
+        / "train"
+        / f"{config.group}-seed{config.seed}"
+    )
     data = load_data(args.data, val_size=args.val_size, train_per_class=args.train_per_class)
     teacher = None
     if config.needs_teacher:
-        tcfg = TeacherConfig(arch=config.teacher, width=config.teacher_width,
-                             cbam=config.teacher_cbam, stem=config.stem, device=config.device,
-                             epochs=args.teacher_epochs or TeacherConfig.epochs)
-        print(f"teacher {tcfg.arch} (width {tcfg.width}): training or loading from cache", flush=True)
-        teacher, digest, meta = get_teacher(tcfg, data, Path(args.storage) / "teachers",
-                                            report=_progress("teacher"))
+        tcfg = TeacherConfig(
+            arch=config.teacher,
+            width=config.teacher_width,
+            cbam=config.teacher_cbam,
+            stem=config.stem,
+            device=config.device,
+            epochs=args.teacher_epochs or TeacherConfig.epochs,
+        )
+        print(
+            f"teacher {tcfg.arch} (width {tcfg.width}): training or loading from cache", flush=True
+        )
+        teacher, digest, meta = get_teacher(
+            tcfg, data, Path(args.storage) / "teachers", report=_progress("teacher")
+        )
         print(f"teacher {digest}: val_acc {100 * meta.get('val_acc', float('nan')):.2f}%")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -83,9 +99,15 @@ def cmd_train(args) -> int:
 
     t0 = time.perf_counter()
     result = fit(config, data, teacher, report=report, checkpoint=checkpoint)
-    summary = {"group": config.group, "status": result.status, "epochs_run": result.epochs_run,
-               "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
-               "seconds": time.perf_counter() - t0, "checkpoint": str(ckpt_path)}
+    summary = {
+        "group": config.group,
+        "status": result.status,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "seconds": time.perf_counter() - t0,
+        "checkpoint": str(ckpt_path),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return 0
@@ -110,10 +132,19 @@ def cmd_bench(args) -> int:
     header = False
     for group in groups:
         for feed in feeds:
-            bench = BenchSpec(group=group, feed=feed, student=args.student, teacher=args.teacher,
-                              width=args.width, batch=args.batch, device=args.device,
-                              steps=args.steps, warmup=args.warmup, workers=args.workers,
-                              compile=args.compile)
+            bench = BenchSpec(
+                group=group,
+                feed=feed,
+                student=args.student,
+                teacher=args.teacher,
+                width=args.width,
+                batch=args.batch,
+                device=args.device,
+                steps=args.steps,
+                warmup=args.warmup,
+                workers=args.workers,
+                compile=args.compile,
+            )
             if args.concurrent > 1:
                 row = run_concurrent(bench, data, args.concurrent, args.threads)
             else:
@@ -123,13 +154,17 @@ def cmd_bench(args) -> int:
                 print(json.dumps(row), flush=True)
                 continue
             if not header:
-                print(f"{'group':<10}{'feed':<12}{'images/s':>10}{'step ms':>10}{'GFLOP/img':>11}"
-                      f"  device={args.device} batch={args.batch} {args.student}<-{args.teacher}"
-                      f" width={args.width} threads={torch.get_num_threads()}")
+                print(
+                    f"{'group':<10}{'feed':<12}{'images/s':>10}{'step ms':>10}{'GFLOP/img':>11}"
+                    f"  device={args.device} batch={args.batch} {args.student}<-{args.teacher}"
+                    f" width={args.width} threads={torch.get_num_threads()}"
+                )
                 header = True
-            print(f"{group:<10}{feed:<12}{row['images_per_s']:>10.1f}"
-                  f"{row.get('step_ms', float('nan')):>10.1f}{row.get('gflop_per_image', float('nan')):>11.3f}",
-                  flush=True)
+            print(
+                f"{group:<10}{feed:<12}{row['images_per_s']:>10.1f}"
+                f"{row['step_ms']:>10.1f}{row['gflop_per_image']:>11.3f}",
+                flush=True,
+            )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from pathlib import Path
@@ -32,6 +33,22 @@ def join(location: str | Path, *parts: str) -> str:
     if is_uri(text):
         return posixpath.join(text.rstrip("/"), *parts)
     return str(Path(text).expanduser().resolve().joinpath(*parts))
+
+
+def check_storage(location: str | Path) -> None:
+    """Refuse a local storage path that cannot become a writable directory (a regular file
+    on the way, or no write permission), before any work starts. URIs are not checked."""
+    text = str(location)
+    if is_uri(text):
+        return
+    path = Path(text).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"storage: cannot create {text!r}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"storage: cannot write to {text!r}: {probe} is not writable")
 
 
 def exists(location: str | Path) -> bool:

@@ -25,8 +25,10 @@ def run_pipeline(config: StudyConfig, address: str | None = None) -> str:
 
     t0 = time.monotonic()
     resume = read_study_json(config.storage, config.study) is not None
-    _stage(f"tune: study {config.study} in {config.study_dir}"
-           + (" (continuing)" if resume else ""), t0)
+    _stage(
+        f"tune: study {config.study} in {config.study_dir}" + (" (continuing)" if resume else ""),
+        t0,
+    )
     print_summary(run_tune(config, resume=resume, address=address))
     _stage("reproduce", t0)
     run_reproduce(config, address)

@@ -20,6 +20,7 @@ from analysis.stats import best_configs
 from kdcore.evaluate import evaluate_student
 from kdcore.train import fit
 
+from . import fsutil
 from .sink import CFG, ParquetSink, read_table
 from .study import (
     StudyConfig,
@@ -47,8 +48,10 @@ def planned_runs(config: StudyConfig, groups: tuple[str, ...]) -> list[dict[str,
         if group_params(group):
             row = best[best["group"] == group] if len(best) else best
             if not len(row):
-                raise ValueError(f"group: no finished full-budget trial of {group!r} to reproduce; "
-                                 "run `kdsearch tune` for it first")
+                raise ValueError(
+                    f"group: no finished full-budget trial of {group!r} to reproduce; "
+                    "run `kdsearch tune` for it first"
+                )
             row = row.iloc[0]
             params = {p: float(row[f"cfg_{p}"]) for p in group_params(group)}
             source = str(row["trial_id"])
@@ -72,10 +75,15 @@ def reproduce_trial(
     result = fit(trial, data, teacher)
     evaluation = evaluate_student(result.student, data, study.device)
     return {
-        "group": trial.group, "seed": trial.seed, "source_trial_id": run["source_trial_id"],
-        **evaluation["metrics"], **cfg_columns(trial),
-        "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run, "train_seconds": time.monotonic() - t0,
+        "group": trial.group,
+        "seed": trial.seed,
+        "source_trial_id": run["source_trial_id"],
+        **evaluation["metrics"],
+        **cfg_columns(trial),
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_seconds": time.monotonic() - t0,
         "node": ray.util.get_node_ip_address(),
         "robustness_json": json.dumps(evaluation["robustness"]),
     }
@@ -94,20 +102,47 @@ def _callback(config: StudyConfig):
             if "test_acc" not in result:
                 return
             now = time.time()
-            row = {k: result[k] for k in (
-                "group", "seed", "source_trial_id", "test_acc", "test_loss", "corrupt_acc_mean",
-                "params", "latency_ms_bs1", "images_per_s_bs256", "best_val_acc", "best_epoch",
-                "epochs_run", "train_seconds", "node", *CFG)}
-            self.sink.append("runs", row["group"], [{**row, "study": config.study, "timestamp": now}])
-            robustness = [{"study": config.study, "group": row["group"], "seed": row["seed"],
-                           **r, "timestamp": now} for r in json.loads(result["robustness_json"])]
+            row = {
+                k: result[k]
+                for k in (
+                    "group",
+                    "seed",
+                    "source_trial_id",
+                    "test_acc",
+                    "test_loss",
+                    "corrupt_acc_mean",
+                    "params",
+                    "latency_ms_bs1",
+                    "images_per_s_bs256",
+                    "best_val_acc",
+                    "best_epoch",
+                    "epochs_run",
+                    "train_seconds",
+                    "node",
+                    *CFG,
+                )
+            }
+            self.sink.append(
+                "runs", row["group"], [{**row, "study": config.study, "timestamp": now}]
+            )
+            robustness = [
+                {
+                    "study": config.study,
+                    "group": row["group"],
+                    "seed": row["seed"],
+                    **r,
+                    "timestamp": now,
+                }
+                for r in json.loads(result["robustness_json"])
+            ]
             self.sink.append("robustness", row["group"], robustness)
 
     return RunsSink()
 
 
-def run_reproduce(config: StudyConfig, address: str | None = None,
-                  groups: tuple[str, ...] | None = None) -> int:
+def run_reproduce(
+    config: StudyConfig, address: str | None = None, groups: tuple[str, ...] | None = None
+) -> int:
     """Run every missing (group, seed) of ``config``; returns how many runs were executed."""
     from ray import tune
 
@@ -116,8 +151,11 @@ def run_reproduce(config: StudyConfig, address: str | None = None,
     groups = groups or config.groups
     runs = planned_runs(config, groups)
     seeds = config.reproduce_seeds()
-    print(f"reproduce: {len(runs)} runs to do ({len(groups)} groups x seeds {list(seeds)}; "
-          "finished runs are kept)", flush=True)
+    print(
+        f"reproduce: {len(runs)} runs to do ({len(groups)} groups x seeds {list(seeds)}; "
+        "finished runs are kept)",
+        flush=True,
+    )
     if not runs:
         return 0
     data = config.load_data()
@@ -141,8 +179,10 @@ def run_reproduce(config: StudyConfig, address: str | None = None,
     )
     results = tuner.fit()
     if results.num_errors:
-        raise ValueError(f"reproduce: {results.num_errors} of {len(runs)} runs failed; "
-                         "rerun `kdsearch reproduce` to retry them")
+        raise ValueError(
+            f"reproduce: {results.num_errors} of {len(runs)} runs failed; "
+            "rerun `kdsearch reproduce` to retry them"
+        )
     return len(runs)
 
 
@@ -155,8 +195,10 @@ def _tune_entry(config: dict, study: StudyConfig, data, teacher_state=None) -> N
 def resolve_study(args) -> StudyConfig:
     """The study's stored config (``study.json``) with runtime flags applied, else a new one."""
     overrides = overrides_from_args(args)
-    base = load_study_config(getattr(args, "preset", None), getattr(args, "config", None),
-                             overrides)
+    base = load_study_config(
+        getattr(args, "preset", None), getattr(args, "config", None), overrides
+    )
+    fsutil.check_storage(base.storage)
     stored = read_study_json(base.storage, base.study)
     if stored is None:
         return base
@@ -166,8 +208,10 @@ def resolve_study(args) -> StudyConfig:
 def cmd_reproduce(args) -> int:
     config = resolve_study(args)
     if read_study_json(config.storage, config.study) is None:
-        raise ValueError(f"study: {config.study!r} has no study.json under {config.storage}; "
-                         "run `kdsearch tune` first")
+        raise ValueError(
+            f"study: {config.study!r} has no study.json under {config.storage}; "
+            "run `kdsearch tune` first"
+        )
     groups = None if args.group in (None, "all") else (args.group,)
     n = run_reproduce(config, args.address, groups)
     print(f"reproduce: {n} runs written to {config.study_dir}/runs", flush=True)

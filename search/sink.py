@@ -19,9 +19,10 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from analysis import tables
 
 from . import fsutil
 
@@ -55,12 +56,6 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 # Tables whose columns are fixed; runs/robustness may carry extra columns (types inferred).
 STRICT = ("epochs", "trials")
-KEYS: dict[str, list[str]] = {
-    "epochs": ["trial_id", "attempt", "epoch"],
-    "trials": ["trial_id"],
-    "runs": ["group", "seed"],
-    "robustness": ["group", "seed", "corruption", "severity"],
-}
 STATUSES = ("completed", "asha_stopped", "early_stopped", "failed", "diverged")
 _GROUP = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -135,43 +130,15 @@ def part_files(study_dir: str, name: str) -> tuple[pafs.FileSystem, str, list[st
     """(filesystem, table path, visible part files in write order)."""
     fs, root = fsutil.resolve(study_dir)
     path = posixpath.join(root, name)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return fs, path, []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = sorted(
-        (i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-         and not i.base_name.startswith((".", "_"))),
-        key=posixpath.basename,
-    )
-    return fs, path, files
+    return fs, path, tables.parquet_files(fs, path)
 
 
 def read_raw(study_dir: str, name: str) -> pd.DataFrame:
     """Every row of table ``name`` as written (duplicates included), in write order."""
-    fs, path, files = part_files(study_dir, name)
-    if not files:
-        return pd.DataFrame(columns=SCHEMAS[name].names if name in SCHEMAS else [])
-    schemas = [pq.read_schema(f, filesystem=fs) for f in files]
-    schema = pa.unify_schemas(schemas + [pa.schema([("group", S)])],
-                              promote_options="permissive")
-    dataset = ds.dataset(files, schema=schema, format="parquet", partitioning="hive",
-                         partition_base_dir=path, filesystem=fs)
-    frame = dataset.to_table().to_pandas()
-    frame["group"] = frame["group"].astype(str)
-    return frame
-
-
-def dedupe(frame: pd.DataFrame, name: str) -> pd.DataFrame:
-    """One row per key of table ``name``: the one with the latest ``timestamp``."""
-    key = KEYS.get(name)
-    if frame.empty or not key or not set(key) <= set(frame.columns):
-        return frame.reset_index(drop=True)
-    if "timestamp" in frame:
-        frame = frame.sort_values("timestamp", kind="stable", na_position="first")
-    frame = frame.drop_duplicates(key, keep="last")
-    return frame.sort_values(key, kind="stable").reset_index(drop=True)
+    fs, root = fsutil.resolve(study_dir)
+    return tables.read_parts(fs, posixpath.join(root, name), name)
 
 
 def read_table(study_dir: str, name: str) -> pd.DataFrame:
-    """Table ``name`` of a study, deduplicated on its key (latest timestamp wins)."""
-    return dedupe(read_raw(study_dir, name), name)
+    """Table ``name`` of a study, one row per key (the same reader ``analysis`` uses)."""
+    return tables.deduplicate(read_raw(study_dir, name), name)

@@ -16,4 +16,7 @@ def study_dir(storage: str | Path, study: str) -> Path:
     check_study_name(study)
     if "://" in str(storage):
         raise ValueError(f"storage: {storage!r} is a URI; this command writes local paths only")
+    from .fsutil import check_storage
+
+    check_storage(storage)
     return Path(storage).expanduser().resolve() / study

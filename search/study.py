@@ -324,7 +324,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "study": "smoke", "samples": 4, "max_epochs": 3, "grace_period": 1,
         "reduction_factor": 2.0, "student": "resnet18", "student_width": 0.125,
-        "teacher": {"arch": "resnet50", "width": 0.25, "cbam": True, "epochs": 4,
+        "teacher": {"arch": "resnet50", "width": 0.125, "cbam": True, "epochs": 8,
                     "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
         "batch_size": 64, "lr": 0.05, "patience": 0, "val_size": 200,
         "train_per_class": 100, "test_per_class": 50, "cpus_per_trial": 1.0,

@@ -90,6 +90,7 @@ def make_searcher(config: StudyConfig, group: str):
 
     space = {p: FloatDistribution(r.low, r.high, log=r.log, step=r.step)
              for p, r in config.group_space(group).items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True,
@@ -144,14 +145,14 @@ def make_tuner(config: StudyConfig, group: str, trainable, sink: ParquetSink):
         return tune.Tuner(
             trainable, param_space={"group": group, "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=config.max_concurrent,
-                                        trial_dirname_creator=trial_dirname),
+                                        trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=run_config,
         )
     return tune.Tuner(
         trainable, param_space={"group": group},
         tune_config=tune.TuneConfig(search_alg=make_searcher(config, group),
                                     scheduler=make_scheduler(config), num_samples=config.samples,
-                                    trial_dirname_creator=trial_dirname),
+                                    trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=run_config,
     )
 
@@ -166,8 +167,23 @@ def prepare_teacher(config: StudyConfig, data) -> tuple[dict | None, dict]:
         print(f"teacher epoch {metrics['epoch']}/{config.teacher.epochs}: "
               f"val_acc {metrics['val_acc']:.4f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
 
+    import torch
+
+    cached = (config.teacher_cache / f"teacher-{config.teacher.content_hash(data)}.pt").exists()
+    if not cached and config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: the teacher trains on this machine (the driver), which has no "
+                         f"CUDA; run the driver on a GPU node or copy a trained teacher into "
+                         f"{config.teacher_cache}")
+    # As many threads as a trial gets: on a shared CPU more threads than free cores make
+    # OpenMP spin and can be 10x slower (measured on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.cpus_per_trial)))
     t0 = time.monotonic()
-    model, digest, meta = get_teacher(config.teacher, data, config.teacher_cache, report=progress)
+    try:
+        model, digest, meta = get_teacher(config.teacher, data, config.teacher_cache,
+                                          report=progress)
+    finally:
+        torch.set_num_threads(threads)
     print(f"teacher {digest}: val_acc {meta.get('val_acc', math.nan):.4f} "
           f"({time.monotonic() - t0:.1f}s, cache {config.teacher_cache})", flush=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -237,23 +253,31 @@ def run_group(config: StudyConfig, group: str, trainable, resume: bool) -> bool:
 
 def run_tune(config: StudyConfig, resume: bool = False, address: str | None = None) -> dict:
     """Search every group of ``config``; returns the per-group summary (see ``summarize``)."""
+    fsutil.check_storage(config.storage)
     stored = read_study_json(config.storage, config.study)
     if resume and stored is not None:
         check_resumable(config, stored)
     elif has_search_results(config):
         raise ValueError(f"study: {config.study!r} already has search results in "
                          f"{config.study_dir}; pass --resume to continue it, or another --study")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)  # fail fast, before the data is decoded
     data = config.load_data()
     if stored and resume and stored.get("data_fingerprint") not in (None, data.fingerprint):
         raise ValueError(f"data: {config.data!r} is not the dataset the study started with "
                          f"(fingerprint {data.fingerprint} != {stored['data_fingerprint']})")
+    # Bad input (an unreachable address, a corrupt teacher file) is refused before Ray starts.
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)
+    teacher_state, teacher_meta = prepare_teacher(config, data)
     quiet_ray()
     init_ray(config, address)
     from ray import tune
 
     from .trainable import train_trial
 
-    teacher_state, teacher_meta = prepare_teacher(config, data)
     write_study_json(config, data_fingerprint=data.fingerprint, data_spec=data.spec,
                      **teacher_meta)
     trainable = tune.with_resources(

@@ -54,7 +54,8 @@ def test_bench_rows_and_concurrent_total_on_cpu():
     assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
     dl = run_bench(BenchSpec(group="kd", feed="dataloader", width=0.125, batch=8, steps=2,
                              warmup=1, workers=0), data)
-    assert dl["feed"] == "dataloader" and dl["gflop_per_image"] == pytest.approx(row["gflop_per_image"])
+    assert dl["feed"] == "dataloader"
+    assert dl["gflop_per_image"] == pytest.approx(row["gflop_per_image"])
     both = run_concurrent(spec, data, k=2, threads=1)
     assert both["concurrent"] == 2 and both["images_per_s"] > 0
 
@@ -95,8 +96,8 @@ def test_cuda_resume_matches_uninterrupted():
     torch.backends.cudnn.deterministic = True
     full = fit(cfg, data, teacher).history
     states = []
-    fit(TrialConfig.for_group("at", device="cuda", epochs=1, precision="fp32", **TINY), data, teacher,
-        report=lambda m, s: states.append(s))
+    first = TrialConfig.for_group("at", device="cuda", epochs=1, precision="fp32", **TINY)
+    fit(first, data, teacher, report=lambda m, s: states.append(s))
     resumed = fit(cfg, data, teacher, checkpoint=states[-1]).history
     assert resumed[-1]["val_acc"] == pytest.approx(full[-1]["val_acc"], abs=0.05)
 

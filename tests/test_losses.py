@@ -188,7 +188,8 @@ def test_feature_alignment_matches_numpy_masked_mean():
         for b in range(3) for c in range(2) for i in range(4) for j in range(4) if mask[b, i, j]
     )
     expected = kept_sum / (mask.sum() * 2)
-    got = feature_alignment(torch.from_numpy(fs), torch.from_numpy(ft), conn, torch.from_numpy(mask))
+    tfs, tft, tmask = torch.from_numpy(fs), torch.from_numpy(ft), torch.from_numpy(mask)
+    got = feature_alignment(tfs, tft, conn, tmask)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert got.item() != pytest.approx(sq.mean(), rel=1e-3)
 
@@ -216,7 +217,8 @@ def _config(group: str, **kw) -> TrialConfig:
 def _setup(config: TrialConfig):
     student = build_student(config, 10).train()
     torch.manual_seed(123)
-    teacher = build_model(config.teacher, 10, config.stem, config.teacher_width, config.teacher_cbam)
+    teacher = build_model(config.teacher, 10, config.stem, config.teacher_width,
+                          config.teacher_cbam)
     teacher = prepare_teacher(teacher, config)
     connectors = build_connectors(config, student, teacher)
     return student, teacher, connectors

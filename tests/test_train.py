@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -243,12 +244,18 @@ def test_early_stopping_on_plateau(synthetic, monkeypatch):
 
 
 def test_early_stopping_waits_for_patience(synthetic, monkeypatch):
-    losses = iter([1.0, 0.9, 0.95, 0.92, 0.85, 0.9, 0.91, 0.99])
+    losses = iter([1.0, 0.9, 0.95, 0.85, 0.9, 0.91, 0.8, 0.7])
     monkeypatch.setattr(ktrain, "evaluate_split", lambda *a: (next(losses), 0.3))
-    result = fit(_kd_config("baseline", epochs=8, patience=2), synthetic)
-    # Best at epochs 2 and 5; two epochs without improvement after 5 stop at epoch 7.
-    assert result.status == "early_stopped" and result.epochs_run == 7
-    assert result.best_epoch == 5 and result.best_val_loss == 0.85
+    weights = []  # the states hold live tensors: copy them at each report
+    result = fit(_kd_config("baseline", epochs=8, patience=2), synthetic,
+                 report=lambda m, s: weights.append(copy.deepcopy(s["student"])))
+    # One bad epoch (3) is tolerated; best at 4; two bad epochs after it stop at epoch 6.
+    assert result.status == "early_stopped" and result.epochs_run == 6
+    assert result.best_epoch == 4 and result.best_val_loss == 0.85
+    # The returned student holds epoch 4's weights, not the last epoch's.
+    final = result.student.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in weights[3].items())
+    assert not torch.equal(final["conv1.weight"], weights[5]["conv1.weight"])
 
 
 def test_huge_lr_diverges(synthetic, teacher):
@@ -266,7 +273,7 @@ def test_planted_non_finite_term_diverges(synthetic, teacher, monkeypatch):
     def planted(*args, **kwargs):
         logits, terms = original(*args, **kwargs)
         step["n"] += 1
-        if step["n"] == 7:  # second epoch (5 steps per epoch)
+        if step["n"] == 10:  # last step of the second epoch (5 steps per epoch)
             terms["kl"] = terms["kl"] * float("nan")
         return logits, terms
 
@@ -275,7 +282,7 @@ def test_planted_non_finite_term_diverges(synthetic, teacher, monkeypatch):
     with pytest.raises(DivergedError) as info:
         fit(_kd_config(), synthetic, teacher, report=lambda m, s: reported.append(m))
     assert info.value.epoch == 2
-    assert "kl" in str(info.value) and "'ce'" not in str(info.value)
+    assert "['kl']" in str(info.value)  # the poisoned term, not the ones still finite
     assert len(reported) == 1
 
 
@@ -286,13 +293,13 @@ def test_planted_non_finite_term_diverges(synthetic, teacher, monkeypatch):
 @pytest.mark.slow
 def test_learns_real_cifar10(shared_data_dir):
     start = time.perf_counter()
-    data = load_data(f"imagefolder:{shared_data_dir}", train_per_class=300, val_size=500)
-    assert data.num_classes == 10 and len(data.val_y) == 500 and len(data.train_y) == 2500
+    data = load_data(f"imagefolder:{shared_data_dir}", train_per_class=200, val_size=500)
+    assert data.num_classes == 10 and len(data.val_y) == 500 and len(data.train_y) == 1500
     config = TrialConfig.for_group("baseline", student_width=0.25, epochs=6, lr=0.05,
                                    lr_schedule="cosine", batch_size=64, patience=0)
     result = fit(config, data)
     elapsed = time.perf_counter() - start
     print(f"real CIFAR-10 learning test: val_acc={result.best_val_acc:.3f} in {elapsed:.1f}s")
-    # Measured 0.402 (seed 0); chance is 0.10.
+    # Measured 0.344 (1 thread) and 0.360 (2 threads), seed 0; chance is 0.10.
     assert result.best_val_acc > 0.25
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.3

@@ -1,0 +1,199 @@
+"""Helpers shared by the tests that run real Ray searches (test_search, test_reliability).
+
+Tiny study settings, a TOML writer, subprocess environments, process-tree inspection and
+killing (by process id, never by name), a local multi-node Ray cluster on loopback addresses,
+and the table consistency check every search test applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from search.sink import read_raw, read_table
+from search.study import PARAMS, StudyConfig, group_params, load_study_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {  # seconds per epoch on one CPU core; learnable enough for val_acc to differ at epoch 1
+    "data": "synthetic:40", "val_size": 100, "student_width": 0.125, "batch_size": 16,
+    "lr": 0.05, "patience": 0, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2.0,
+    "cpus_per_trial": 1.0, "max_concurrent": 2, "device": "cpu",
+    "teacher": {"width": 0.125, "epochs": 1, "batch_size": 32},
+}
+
+
+def tiny(tmp_path: Path, **overrides) -> StudyConfig:
+    return load_study_config(None, None, {**TINY, "storage": str(tmp_path / "store"), **overrides})
+
+
+def write_toml(path: Path, settings: dict) -> Path:
+    """A minimal TOML writer for flat values plus one level of tables ([teacher], [space.T])."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, float) and v != v:
+            return "nan"
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    for table, body in settings.items():
+        if not isinstance(body, dict):
+            continue
+        flat = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        if flat or not body:
+            lines += [f"[{table}]"] + [f"{k} = {value(v)}" for k, v in flat.items()]
+        for sub, inner in body.items():
+            if isinstance(inner, dict):
+                lines += [f"[{table}.{sub}]"] + [f"{k} = {value(v)}" for k, v in inner.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess: this checkout importable, no inherited RAY_ADDRESS,
+    token authentication off (loopback test clusters only), no usage statistics."""
+    out = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               **extra)
+    return out
+
+
+def kdsearch(*args: str) -> list[str]:
+    """The argv of ``kdsearch ARGS`` run from this checkout."""
+    return [sys.executable, "-m", "search.cli", *args]
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def processes() -> list[tuple[int, int, int]]:
+    """(pid, ppid, pgid) of every live process, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                out.append((int(entry.name), int(fields[1]), int(fields[2])))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` as one string ('' when it is gone). Ray workers rewrite
+    theirs to a title such as ``ray::ImplicitFunc.train``."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def descendants(roots: list[int], procs: list[tuple[int, int, int]] | None = None) -> set[int]:
+    """Every process below ``roots`` (not the roots themselves)."""
+    procs = processes() if procs is None else procs
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        parent = todo.pop()
+        for pid, ppid, _ in procs:
+            if ppid == parent and pid not in seen:
+                seen.add(pid)
+                todo.append(pid)
+    return seen
+
+
+def kill_tree(leaders: list[int]) -> None:
+    """SIGKILL the process groups of ``leaders`` and every descendant of their members
+    (Ray's workers call setsid, so a process group alone does not hold them)."""
+    procs = processes()
+    members = {pid for pid, _, pgid in procs if pgid in leaders or pid in leaders}
+    doomed = members | descendants(list(members), procs)
+    for pgid in leaders:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_cluster(workers: tuple[str, ...] = ("127.0.0.3",), head: str = "127.0.0.2",
+                cpus: int = 1, extra_env: dict[str, str] | None = None,
+                ) -> Iterator[dict]:
+    """A local multi-node Ray cluster on loopback addresses, each node with ``cpus`` CPUs.
+
+    Yields ``{"address": "HEAD:PORT", "temp": TEMP_DIR, "leaders": [pid, ...]}``; on exit
+    every process it started (each ``ray start`` runs in its own session) is killed by id.
+    """
+    ray = str(Path(sys.executable).parent / "ray")
+    port = free_port(head)
+    temp = f"/tmp/kdr{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
+    common = ["--num-cpus", str(cpus), "--temp-dir", temp, "--disable-usage-stats"]
+    argvs = [[ray, "start", "--head", "--node-ip-address", head, "--port", str(port),
+              "--include-dashboard=false", *common]]
+    argvs += [[ray, "start", "--address", f"{head}:{port}", "--node-ip-address", ip, *common]
+              for ip in workers]
+    leaders: list[int] = []
+    try:
+        for argv in argvs:
+            p = subprocess.Popen(argv, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            leaders.append(p.pid)
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out.decode()[-2000:]
+        yield {"address": f"{head}:{port}", "temp": temp, "leaders": leaders}
+    finally:
+        kill_tree(leaders)
+        subprocess.run(["rm", "-rf", temp], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def check_search_tables(study_dir: str, config: StudyConfig, group: str) -> pd.DataFrame:
+    """Rows account for each other: one per (trial, epoch), epochs 1..epochs_run, in range."""
+    trials = read_table(study_dir, "trials")
+    epochs = read_table(study_dir, "epochs")
+    raw = read_raw(study_dir, "epochs")
+    assert len(trials) == config.samples and trials.trial_id.is_unique
+    assert len(raw.drop_duplicates(["trial_id", "attempt", "epoch"])) == len(epochs)
+    latest = epochs.sort_values("attempt").drop_duplicates(["trial_id", "epoch"], keep="last")
+    assert set(latest.trial_id) == set(trials.trial_id)
+    assert trials.epochs_run.sum() == len(latest)
+    for _, t in trials.iterrows():
+        got = sorted(latest.loc[latest.trial_id == t.trial_id, "epoch"])
+        assert got == list(range(1, t.epochs_run + 1)), (t.trial_id, got)
+    for p in PARAMS:
+        col = trials[f"cfg_{p}"]
+        if p in group_params(group):
+            r = config.space[p]
+            assert col.between(r.low, r.high).all(), (p, col.tolist())
+            if r.step:
+                assert ((col - r.low) / r.step).round(9).mod(1).eq(0).all()
+    assert (epochs.node.str.len() > 0).all() and epochs.val_acc.between(0, 1).all()
+    return trials
