@@ -316,11 +316,21 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def normalize(x_uint8_nhwc: Tensor, mean, std) -> Tensor:
-    """uint8 (B, H, W, C) -> normalized float (B, C, H, W) in channels_last memory order."""
+    """uint8 (B, H, W, C) -> normalized float (B, C, H, W) in channels_last memory order.
+
+    ``mean``/``std`` may be tuples or (C,) tensors already on the device (the loaders pass
+    tensors: building them from tuples is a host-to-device copy, which would sync a CUDA
+    stream at every batch).
+    """
     x = x_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)
+
+
+def _stats_on(device: torch.device, mean, std) -> tuple[Tensor, Tensor]:
+    return (torch.as_tensor(mean, dtype=torch.float32).to(device),
+            torch.as_tensor(std, dtype=torch.float32).to(device))
 
 
 def augment(x: Tensor, crop_offsets: Tensor, flips: Tensor, pad: int = 4) -> Tensor:
@@ -352,6 +362,7 @@ def train_batches(
     flips = torch.rand(n, generator=g) < 0.5
     device = x.device
     order, offsets, flips = order.to(device), offsets.to(device), flips.to(device)
+    mean, std = _stats_on(device, mean, std)
     n_batches = max(n // batch_size, 1)
     for i in range(n_batches):
         idx = order[i * batch_size : (i + 1) * batch_size]
@@ -363,5 +374,6 @@ def eval_batches(
     x: Tensor, y: Tensor, batch_size: int, *, mean, std
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalized batches in order, without augmentation."""
+    mean, std = _stats_on(x.device, mean, std)
     for i in range(0, len(y), batch_size):
         yield normalize(x[i : i + batch_size], mean, std), y[i : i + batch_size]

@@ -463,17 +463,11 @@ def write_study_json(config: StudyConfig, **extra: Any) -> dict[str, Any]:
 
 def read_study_json(storage: str, study: str) -> dict[str, Any] | None:
     """The stored ``study.json`` of ``<storage>/<study>`` or None where there is none."""
+    from analysis.tables import read_config
+
     check_study_name(study)
-    raw = fsutil.read_bytes(fsutil.join(storage, study, "study.json"))
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"study.json of {study!r} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"study.json of {study!r} must hold an object")
-    return doc
+    fs, path = fsutil.resolve(fsutil.join(storage, study, "study.json"))
+    return read_config(fs, path) or None
 
 
 def config_from_study_json(doc: dict[str, Any], overrides: dict[str, Any] | None = None,

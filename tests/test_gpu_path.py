@@ -114,3 +114,32 @@ def test_cuda_gradcam_gives_no_weight_gradients():
         _, masks = gradcam_masks(teacher, x, y, ("layer3", "layer4"), 50)
     assert masks["layer3"].shape == (8, 8, 8)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_training_steps_never_synchronize_the_host():
+    """Steps fed by the device loader issue no host synchronization (the epoch's reads do)."""
+    from kdcore.data import train_batches
+    from kdcore.objective import build_connectors
+    from kdcore.train import build_student, prepare_teacher, train_step
+
+    data = load_data("synthetic:16", val_size=40).to("cuda")
+    cfg = TrialConfig.for_group("combined", device="cuda", **TINY)
+    student = build_student(cfg, 10).cuda().to(memory_format=torch.channels_last)
+    teacher = prepare_teacher(build_model("resnet50", 10, width=0.125, cbam=True), cfg)
+    connectors = build_connectors(cfg, student, teacher).cuda()
+    optimizer = torch.optim.SGD([*student.parameters(), *connectors.parameters()], lr=0.01)
+    batches = train_batches(data.train_x, data.train_y, 16, seed=0, epoch=1,
+                            mean=data.mean, std=data.std)
+    first = next(batches)  # the epoch's permutation is copied to the device once, here
+    train_step(cfg, student, teacher, connectors, optimizer, *first,
+               share_params=list(student.parameters()))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _, (xb, yb) in zip(range(3), batches, strict=False):
+            train_step(cfg, student, teacher, connectors, optimizer, xb, yb,
+                       share_params=list(student.parameters()))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -110,3 +110,20 @@ def test_smoke_preset_end_to_end_and_rerun_redoes_nothing(tmp_path, shared_data_
     after = {t: len(part_files(str(Path(storage) / "smoke"), t)[2])
              for t in ("epochs", "trials", "runs")}
     assert after == before
+
+
+def test_train_command_checkpoints_and_resumes(tmp_path):
+    base = ["train", "--group", "kd", "--data", "synthetic:8", "--val-size", "20",
+            "--teacher-epochs", "1", "--storage", str(tmp_path), "--study", "t",
+            "--set", "student_width=0.125", "--set", "teacher_width=0.125",
+            "--set", "batch_size=16"]
+    first = _kdsearch(*base, "--set", "epochs=2", timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert re.findall(r"^kd epoch +(\d+)", first.stdout, re.M) == ["1", "2"]
+    out = tmp_path / "t" / "train" / "kd-seed0"
+    assert (out / "checkpoint.pt").is_file()
+    assert list((tmp_path / "teachers").glob("teacher-*.pt"))
+    resumed = _kdsearch(*base, "--set", "epochs=3", "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.findall(r"^kd epoch +(\d+)", resumed.stdout, re.M) == ["3"]
+    assert '"epochs_run": 3' in (out / "summary.json").read_text()
