@@ -267,10 +267,8 @@ def run_tune(config: StudyConfig, resume: bool = False, address: str | None = No
     if stored and resume and stored.get("data_fingerprint") not in (None, data.fingerprint):
         raise ValueError(f"data: {config.data!r} is not the dataset the study started with "
                          f"(fingerprint {data.fingerprint} != {stored['data_fingerprint']})")
-    # Bad input (an unreachable address, a corrupt teacher file) is refused before Ray starts.
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        _check_reachable(address)
+    # The teacher is read (or trained) before Ray starts: a bad teacher file is refused in one
+    # line, without starting (and printing from) a Ray instance.
     teacher_state, teacher_meta = prepare_teacher(config, data)
     quiet_ray()
     init_ray(config, address)
