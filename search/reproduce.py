@@ -159,8 +159,8 @@ def run_reproduce(
     if not runs:
         return 0
     data = config.load_data()
+    teacher_state, _ = prepare_teacher(config, data)  # a bad teacher file fails before Ray starts
     init_ray(config, address)
-    teacher_state, _ = prepare_teacher(config, data)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, study=config, data=data, teacher_state=teacher_state),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
