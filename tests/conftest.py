@@ -16,6 +16,32 @@ torch.set_num_threads(int(os.environ.get("KDSEARCH_TEST_THREADS", "1")))
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def synthetic():
+    """A small learnable synthetic dataset (200 train images, 40 of them validation)."""
+    from kdcore.data import load_data
+
+    return load_data("synthetic:20", val_size=40)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(owner, name)`` wraps ``owner.name`` and returns ``{"n": calls so far}``."""
+
+    def wrap(owner, name: str) -> dict:
+        calls = {"n": 0}
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return wrap
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """Root of CIFAR-10 in ImageFolder layout (``train/``, ``test/``).

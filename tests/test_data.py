@@ -22,11 +22,6 @@ from kdcore.data import (
 )
 
 
-@pytest.fixture(scope="module")
-def synthetic():
-    return load_data("synthetic:20", val_size=40)
-
-
 def _batches(data, seed, epoch, batch_size=32):
     return list(train_batches(data.train_x, data.train_y, batch_size, seed=seed, epoch=epoch,
                               mean=data.mean, std=data.std))
@@ -248,22 +243,10 @@ def cache(tmp_path, monkeypatch):
     return path
 
 
-def _count_decodes(monkeypatch):
-    calls = {"n": 0}
-    original = kdata._decode_image
-
-    def counted(path):
-        calls["n"] += 1
-        return original(path)
-
-    monkeypatch.setattr(kdata, "_decode_image", counted)
-    return calls
-
-
-def test_imagefolder_loads_pixels_labels_and_uses_cache(tmp_path, cache, monkeypatch):
+def test_imagefolder_loads_pixels_labels_and_uses_cache(tmp_path, cache, count_calls):
     root = tmp_path / "data"
     written = _make_folder(root)
-    calls = _count_decodes(monkeypatch)
+    calls = count_calls(kdata, "_decode_image")
     d = load_data(f"imagefolder:{root}", val_size=2)
     assert calls["n"] == 12
     assert d.classes == ("ant", "bee")

@@ -282,22 +282,10 @@ def test_loss_terms_ce_is_cross_entropy_of_student_logits(batch):
     assert total.item() == pytest.approx(0.5 * terms["ce"].item() + 2.0 * terms["kl"].item())
 
 
-def _count_teacher_calls(teacher):
-    calls = {"n": 0}
-    original = teacher.forward
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    teacher.forward = counted
-    return calls
-
-
-def test_baseline_never_runs_the_teacher(batch):
+def test_baseline_never_runs_the_teacher(batch, count_calls):
     config = _config("baseline")
     student, teacher, connectors = _setup(config)
-    calls = _count_teacher_calls(teacher)
+    calls = count_calls(teacher, "forward")
     _, terms = loss_terms(config, student, teacher, connectors, *batch)
     assert set(terms) == {"ce"}
     assert calls["n"] == 0
@@ -314,18 +302,11 @@ def test_baseline_never_runs_the_teacher(batch):
     [("kd", 0.0, 0), ("at", 50.0, 1), ("fa", 50.0, 1), ("combined", 50.0, 1),
      ("at", 0.0, 0), ("combined", 0.0, 0)],
 )
-def test_masks_computed_only_when_needed(monkeypatch, batch, group, mask_pct, expected_calls):
+def test_masks_computed_only_when_needed(count_calls, batch, group, mask_pct, expected_calls):
     config = _config(group, mask_pct=mask_pct)
     student, teacher, connectors = _setup(config)
-    calls = {"n": 0}
-    original = objective.teacher_forward_with_masks
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(objective, "teacher_forward_with_masks", counted)
-    teacher_calls = _count_teacher_calls(teacher)
+    calls = count_calls(objective, "teacher_forward_with_masks")
+    teacher_calls = count_calls(teacher, "forward")
     _, terms = loss_terms(config, student, teacher, connectors, *batch)
     assert calls["n"] == expected_calls
     assert teacher_calls["n"] == 1  # the teacher runs exactly once either way

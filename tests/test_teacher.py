@@ -18,25 +18,13 @@ from kdcore.teacher import (
 )
 
 
-@pytest.fixture(scope="module")
-def synthetic():
-    return load_data("synthetic:20", val_size=40)
-
-
 def _config(**kw) -> TeacherConfig:
     base = dict(arch="resnet18", width=0.125, cbam=False, epochs=1, batch_size=32, lr=0.05)
     return TeacherConfig(**{**base, **kw})
 
 
-def test_get_teacher_trains_once_then_loads_from_cache(synthetic, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = kteacher.fit
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kteacher, "fit", counted)
+def test_get_teacher_trains_once_then_loads_from_cache(synthetic, tmp_path, count_calls):
+    calls = count_calls(kteacher, "fit")
     config = _config()
     model, digest, meta = get_teacher(config, synthetic, tmp_path)
     assert calls["n"] == 1

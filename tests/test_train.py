@@ -93,11 +93,6 @@ def test_for_group_presets(group):
 
 
 @pytest.fixture(scope="module")
-def synthetic():
-    return load_data("synthetic:20", val_size=40)
-
-
-@pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(7)
     return build_model("resnet18", width=0.125).eval().requires_grad_(False)
