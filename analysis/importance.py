@@ -6,10 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import optuna
 import pandas as pd
-from optuna.distributions import FloatDistribution
-from optuna.importance import FanovaImportanceEvaluator
 
 from analysis.constants import USABLE_STATUSES, ordered_groups
 
@@ -17,8 +14,11 @@ MIN_TRIALS = 3
 """Fewer usable trials than this and a group's importance is not computed."""
 
 
-def distribution(spec: Mapping[str, Any], values: pd.Series) -> FloatDistribution:
-    """The search-space distribution of one parameter, widened to cover observed values."""
+def distribution(spec: Mapping[str, Any], values: pd.Series):
+    """The search-space distribution (an optuna ``FloatDistribution``) of one parameter."""
+    from optuna.distributions import FloatDistribution
+
+    # widened to cover observed values
     observed_low, observed_high = float(values.min()), float(values.max())
     low = float(spec.get("low", observed_low))
     high = float(spec.get("high", observed_high))
@@ -44,6 +44,9 @@ def group_importance(sub: pd.DataFrame, space: Mapping[str, Any], seed: int) -> 
     ]
     if len(sub) < MIN_TRIALS or not params:
         return {}
+    import optuna  # imported here: reading tables must work where optuna is absent
+    from optuna.importance import FanovaImportanceEvaluator
+
     dists = {p: distribution(space[p] or {}, sub[f"cfg_{p}"].astype(float)) for p in params}
     study = optuna.create_study(direction="maximize")
     study.add_trials([
@@ -72,6 +75,8 @@ def param_importance(
     usable = trials[trials["best_val_acc"].notna()]
     if "status" in usable:
         usable = usable[usable["status"].isin(USABLE_STATUSES)]
+    import optuna
+
     rows = []
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

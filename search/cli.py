@@ -47,7 +47,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run a study (tune, reproduce, run)."""
     p.add_argument(
         "--preset",
-        choices=("smoke", "paper"),
+        choices=("smoke", "laptop", "paper"),
         default=None,
         help="start from a preset study config (see README)",
     )
@@ -149,10 +149,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast precision of the timed step (auto: bf16 where supported)")
+    # --scheduler: the search path of `tune` with sleeping trials (search/bench_scheduler.py)
+    p.add_argument("--scheduler", action="store_true",
+                   help="benchmark the scheduling of `tune` with sleeping trials")
+    p.add_argument("--slots", type=int, default=8, help="--scheduler: logical CPU slots")
+    p.add_argument("--epoch-seconds", type=float, default=1.0,
+                   help="--scheduler: seconds each trial sleeps per epoch")
+    p.add_argument("--samples", type=int, default=16, help="--scheduler: trials per group")
+    p.add_argument("--epochs", type=int, default=12, help="--scheduler: max epochs per trial")
+    p.add_argument("--grace", type=int, default=2, help="--scheduler: ASHA grace period")
+    p.add_argument("--reduction-factor", type=float, default=2.0,
+                   help="--scheduler: ASHA reduction factor")
+    p.add_argument("--storage", default=None,
+                   help="--scheduler/--tables: where the benchmark study is written "
+                   "(default: a temporary folder)")
+    # --tables: synthetic trial tables at scale (search/bench_tables.py)
+    p.add_argument("--tables", type=int, default=None, metavar="N",
+                   help="benchmark loading/analysing a synthetic study of N trials per group")
+
+    p = sub.add_parser("compact", help="merge a study's part files into one file per table and group")
+    _common(p)
+
+    p = sub.add_parser("pack", help="pack an ImageFolder tree into one file (--data jpegpack:FILE)")
+    p.add_argument("source", help="ImageFolder root with train/ and test/")
+    p.add_argument("--out", required=True, help="the pack file to write")
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "bench" and args.scheduler:
+        from .bench_scheduler import cmd_bench_scheduler
+
+        return cmd_bench_scheduler(args)
+    if args.command == "bench" and args.tables is not None:
+        from .bench_tables import cmd_bench_tables
+
+        return cmd_bench_tables(args)
+    if args.command == "compact":
+        from .compact import cmd_compact
+
+        return cmd_compact(args)
+    if args.command == "pack":
+        from .pack import cmd_pack
+
+        return cmd_pack(args)
     if args.command in ("train", "teacher", "bench"):
         from . import core_commands
 
