@@ -4,7 +4,7 @@ from analysis.constants import GROUPS, PAPER_ACC
 from analysis.importance import param_importance
 from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
 from analysis.report import export_comparison, write_report
-from analysis.stats import best_configs, compare_groups, health_check, holm
+from analysis.stats import best_configs, compare_groups, group_outcomes, health_check, holm
 from analysis.tables import Study, latest_attempt, load_study
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "best_configs",
     "compare_groups",
     "export_comparison",
+    "group_outcomes",
     "health_check",
     "holm",
     "latest_attempt",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pyarrow as pa
+
 GROUPS: tuple[str, ...] = ("baseline", "kd", "fa", "at", "combined")
 """The five distillation groups in canonical order."""
 
@@ -27,25 +29,51 @@ USABLE_STATUSES: tuple[str, ...] = ("completed", "asha_stopped", "early_stopped"
 
 CFG_COLUMNS: list[str] = [f"cfg_{p}" for p in PARAMS]
 
-COLUMNS: dict[str, list[str]] = {
-    "epochs": [
-        "study", "group", "trial_id", "attempt", "epoch", "seed", *CFG_COLUMNS,
-        "val_acc", "val_loss", "train_loss",
-        *(f"loss_{t}" for t in TERMS), *(f"gshare_{t}" for t in TERMS),
-        "lr", "epoch_seconds", "images_per_s", "node", "timestamp",
-    ],
-    "trials": [
-        "study", "group", "trial_id", "status", "epochs_run", "best_val_acc", "best_epoch",
-        "wall_seconds", "seed", *CFG_COLUMNS, "error", "timestamp",
-    ],
-    "runs": [
-        "study", "group", "seed", "source_trial_id", "test_acc", "test_loss",
-        "corrupt_acc_mean", "params", "latency_ms_bs1", "images_per_s_bs256",
-        *CFG_COLUMNS, "timestamp",
-    ],
-    "robustness": ["study", "group", "seed", "corruption", "severity", "acc", "timestamp"],
+_F, _INT, _S = pa.float64(), pa.int64(), pa.string()
+
+PARTITION: pa.Schema = pa.schema([("group", _S)])
+"""The hive partition key: a table's files live under ``<table>/group=<g>/`` and do not
+store ``group`` themselves (a column that is also the partition key breaks other readers)."""
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "epochs": pa.schema(
+        [("study", _S), ("trial_id", _S), ("attempt", _INT), ("epoch", _INT), ("seed", _INT)]
+        + [(c, _F) for c in CFG_COLUMNS]
+        + [("val_acc", _F), ("val_loss", _F), ("train_loss", _F)]
+        + [(f"loss_{t}", _F) for t in TERMS] + [(f"gshare_{t}", _F) for t in TERMS]
+        + [("lr", _F), ("epoch_seconds", _F), ("images_per_s", _F), ("node", _S),
+           ("timestamp", _F)]
+    ),
+    "trials": pa.schema(
+        [("study", _S), ("trial_id", _S), ("status", _S), ("epochs_run", _INT),
+         ("best_val_acc", _F), ("best_epoch", _INT), ("wall_seconds", _F), ("seed", _INT)]
+        + [(c, _F) for c in CFG_COLUMNS] + [("error", _S), ("timestamp", _F)]
+    ),
+    "runs": pa.schema(
+        [("study", _S), ("seed", _INT), ("source_trial_id", _S), ("test_acc", _F),
+         ("test_loss", _F), ("corrupt_acc_mean", _F), ("params", _INT), ("latency_ms_bs1", _F),
+         ("images_per_s_bs256", _F)] + [(c, _F) for c in CFG_COLUMNS]
+        + [("best_val_acc", _F), ("best_epoch", _INT), ("epochs_run", _INT),
+           ("train_seconds", _F), ("node", _S), ("timestamp", _F)]
+    ),
+    "robustness": pa.schema(
+        [("study", _S), ("seed", _INT), ("corruption", _S), ("severity", _INT), ("acc", _F),
+         ("timestamp", _F)]
+    ),
 }
-"""Columns of each table as the search package writes them (used for empty tables)."""
+"""Columns stored in each table's Parquet files (``group`` is the partition key)."""
+
+STRICT: tuple[str, ...] = ("epochs", "trials")
+"""Tables whose files hold exactly these columns; ``runs``/``robustness`` may carry more."""
+
+
+def frame_schema(name: str) -> pa.Schema:
+    """The columns of table ``name`` as read: the stored ones with ``group`` second."""
+    return SCHEMAS[name].insert(1, PARTITION.field("group"))
+
+
+COLUMNS: dict[str, list[str]] = {name: frame_schema(name).names for name in SCHEMAS}
+"""Columns of each table as read (used for empty tables)."""
 
 KEYS: dict[str, list[str]] = {
     "epochs": ["trial_id", "attempt", "epoch"],

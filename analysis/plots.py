@@ -36,6 +36,12 @@ def save(fig: Figure, path: str | Path) -> Path:
     return atomic_write_bytes(Path(path), buffer.getvalue())
 
 
+TOP_K = 5
+"""Trials drawn one by one per group (the best by validation accuracy); the rest are bands."""
+BAND = (0.1, 0.5, 0.9)
+"""Quantiles of validation accuracy drawn at each epoch: the 10-90% band and the median."""
+
+
 def curves(epochs: pd.DataFrame) -> pd.DataFrame:
     """Latest-attempt epoch rows with a known accuracy, accuracy in percent."""
     if epochs.empty or not {"group", "trial_id", "epoch", "val_acc"} <= set(epochs.columns):
@@ -45,44 +51,82 @@ def curves(epochs: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(val_pct=rows["val_acc"].astype(float) * 100)
 
 
+def curve_matrix(rows: pd.DataFrame) -> pd.DataFrame:
+    """Validation accuracy (percent) of one group: a row per trial, a column per epoch."""
+    return rows.pivot_table(index="trial_id", columns="epoch", values="val_pct", aggfunc="last")
+
+
+def draw_band(ax, matrix: pd.DataFrame, group: str) -> None:
+    """Median and 10-90% band over the trials still running at each epoch."""
+    values = matrix.to_numpy(dtype=float)
+    running = np.isfinite(values).sum(axis=0) > 0
+    epochs = matrix.columns.to_numpy()[running]
+    with np.errstate(all="ignore"):
+        low, mid, high = np.nanquantile(values[:, running], BAND, axis=0)
+    ax.fill_between(epochs, low, high, color=color(group), alpha=0.2, lw=0)
+    ax.plot(epochs, mid, color=color(group), lw=1.5)
+
+
+def top_trials(matrix: pd.DataFrame, k: int = TOP_K) -> pd.DataFrame:
+    """The ``k`` trials with the highest best validation accuracy."""
+    return matrix.loc[matrix.max(axis=1).nlargest(k).index]
+
+
 def plot_learning_curves(epochs: pd.DataFrame, path: str | Path) -> Path | None:
-    """Validation accuracy vs epoch: one panel per group, one thin line per trial."""
+    """Validation accuracy vs epoch, one panel per group: the median and 10-90% band over
+    the trials running at each epoch, and the top trials as lines (readable at any count)."""
     rows = curves(epochs)
     if rows.empty:
         return None
     groups = ordered_groups(rows["group"])
-    fig = figure(3.2 * len(groups), 3.2)
+    fig = figure(3.2 * len(groups), 3.4)
     axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
-        for _, trial in rows[rows["group"] == group].groupby("trial_id"):
-            ax.plot(trial["epoch"], trial["val_pct"], color=color(group), alpha=0.5, lw=1)
-        ax.set_title(group)
+        matrix = curve_matrix(rows[rows["group"] == group])
+        draw_band(ax, matrix, group)
+        for _, trial in top_trials(matrix).iterrows():
+            ax.plot(trial.index, trial.to_numpy(), color="black", alpha=0.6, lw=0.8)
+        ax.set_title(f"{group} ({len(matrix)} trials)")
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("validation accuracy (%)")
+    axes[0][0].plot([], [], color="grey", lw=1.5, label="median (band: 10-90%)")
+    axes[0][0].plot([], [], color="black", lw=0.8, label=f"top {TOP_K} trials")
+    axes[0][0].legend(fontsize="x-small", loc="lower right")
     return save(fig, path)
 
 
 def plot_asha(epochs: pd.DataFrame, trials: pd.DataFrame, path: str | Path) -> Path | None:
-    """Every trial's validation curve; the last epoch of ASHA-stopped trials is marked."""
+    """ASHA's stopping pattern: trials still running at each epoch per group (left), and
+    where ASHA stopped trials, with the top trials' curves (right)."""
     rows = curves(epochs)
     if rows.empty:
         return None
     stopped: set[str] = set()
     if {"trial_id", "status"} <= set(trials.columns):
         stopped = set(trials.loc[trials["status"] == "asha_stopped", "trial_id"].astype(str))
-    fig = figure(7, 4.5)
-    ax = fig.subplots()
+    fig = figure(12, 4.5)
+    left, right = fig.subplots(1, 2)
     for group in ordered_groups(rows["group"]):
-        for i, (trial_id, trial) in enumerate(rows[rows["group"] == group].groupby("trial_id")):
-            ax.plot(trial["epoch"], trial["val_pct"], color=color(group), alpha=0.5, lw=1,
-                    label=group if i == 0 else None)
-            if str(trial_id) in stopped:
-                ax.plot(trial["epoch"].iloc[-1], trial["val_pct"].iloc[-1], "x",
-                        color=color(group), ms=7)
-    ax.plot([], [], "x", color="black", label="stopped by ASHA")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.legend(fontsize="small")
+        mine = rows[rows["group"] == group]
+        running = mine.groupby("epoch")["trial_id"].nunique()
+        left.step(running.index, running.to_numpy(), where="post", color=color(group),
+                  label=group)
+        matrix = curve_matrix(mine)
+        for _, trial in top_trials(matrix, 3).iterrows():
+            right.plot(trial.index, trial.to_numpy(), color=color(group), alpha=0.8, lw=1)
+        last = mine.groupby("trial_id").tail(1)
+        last = last[last["trial_id"].astype(str).isin(stopped)]
+        right.scatter(last["epoch"], last["val_pct"], marker="x", s=12, color=color(group),
+                      alpha=0.35, lw=0.8)
+    left.set_yscale("log")
+    left.set_xlabel("epoch")
+    left.set_ylabel("trials still running")
+    left.legend(fontsize="small")
+    right.plot([], [], "x", color="black", label="stopped by ASHA (last epoch)")
+    right.plot([], [], color="black", label="top 3 trials per group")
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation accuracy (%)")
+    right.legend(fontsize="small")
     return save(fig, path)
 
 

@@ -10,9 +10,9 @@ import pandas as pd
 
 from analysis._io import atomic_write_text
 from analysis.constants import CFG_COLUMNS, USABLE_STATUSES, ordered_groups
-from analysis.importance import param_importance
+from analysis.importance import MIN_TRIALS, param_importance
 from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
-from analysis.stats import best_configs, compare_groups, health_check
+from analysis.stats import FULL, LONGEST, NONE, compare_groups, group_outcomes, health_check
 from analysis.tables import Study, load_study, resolve
 
 Formatter = Callable[[object], str]
@@ -78,31 +78,77 @@ def comparison_section(comparison: pd.DataFrame, data: object) -> list[str]:
     ]
 
 
-def best_section(trials: pd.DataFrame) -> list[str]:
-    """Best full-budget trial per group, selected on validation accuracy."""
+def fmt_text(value: object) -> str:
+    """A free-text cell: one line, no table-breaking pipes, at most 80 characters."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return "—"
+    text = " ".join(str(value).split()).replace("|", "/")
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def budget_words(max_epochs: object) -> str:
+    if max_epochs is None:
+        return "the longest budget in the table (study.json has no `max_epochs`)"
+    return f"the study's full budget of {max_epochs} epochs"
+
+
+def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
+    """Best trial per group, selected on validation accuracy; every group has a row."""
     lines = ["## Best configuration per group", ""]
-    best = best_configs(trials)
-    if best.empty:
-        return [*lines, "No usable trials.", ""]
-    best = best.drop(columns=[c for c in CFG_COLUMNS if c in best and best[c].isna().all()])
-    best = best.assign(best_val_acc=best["best_val_acc"] * 100)
-    note = ("Selected on validation accuracy (percent) among trials that ran the group's full "
-            "epoch budget; no test metric is used for selection.")
-    return [*lines, note, "", markdown_table(best, {"best_val_acc": ACC}), ""]
+    if outcomes.empty:
+        return [*lines, "No trials recorded.", ""]
+    shown = outcomes.drop(columns=[c for c in CFG_COLUMNS if outcomes[c].isna().all()])
+    shown = shown.assign(best_val_acc=pd.to_numeric(shown["best_val_acc"]) * 100)
+    lines += [
+        f"Selected on validation accuracy (percent) among each group's trials that ran "
+        f"{budget_words(max_epochs)} (or ended earlier by their own early stopping, never "
+        f"by ASHA); no test metric is used. `basis` says where a row comes from: `{FULL}`; "
+        f"`{LONGEST}`: no trial of the group ran the full budget, so the best of its "
+        "longest-running trials is shown for information only — not a tuned result, and "
+        f"`kdsearch reproduce` does not use it; `{NONE}`: every trial failed or diverged "
+        "(or none ran).",
+        "",
+        markdown_table(shown, {"best_val_acc": ACC, "first_error": fmt_text,
+                               "best_epoch": fmt_count, "epochs_run": fmt_count,
+                               "seed": fmt_count}),
+        "",
+    ]
+    for row in outcomes.itertuples(index=False):
+        if row.basis == LONGEST:
+            lines.append(f"- `{row.group}`: no trial ran {budget_words(max_epochs)}; the row "
+                         f"shows the best of its longest trials ({fmt_count(row.epochs_run)} "
+                         "epochs).")
+        elif row.basis == NONE:
+            lines.append(f"- `{row.group}`: no usable trial ({row.trials} trials, "
+                         f"{row.failed} failed, {row.diverged} diverged); first error: "
+                         f"{fmt_text(row.first_error)}")
+    return [*lines, ""]
 
 
-def importance_section(trials: pd.DataFrame, space: Mapping[str, object]) -> list[str]:
-    """fANOVA importance per group."""
+def fmt_count(value: object) -> str:
+    """An integer count that may be missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return str(int(value))  # type: ignore[call-overload]
+
+
+def importance_section(trials: pd.DataFrame, space: Mapping[str, object],
+                       groups: list[str]) -> list[str]:
+    """fANOVA importance per group; groups without one are named."""
     lines = ["## Hyperparameter importance", ""]
     found = param_importance(trials, space)
+    missing = [g for g in groups if g not in set(found["group"])]
+    if missing:
+        note = (f"Not computed for {', '.join(f'`{g}`' for g in missing)}: fewer than "
+                f"{MIN_TRIALS} usable trials or no varying parameter.")
     if found.empty:
-        return [*lines, "Not computed: no group has 3 usable trials with a varying parameter.",
-                ""]
-    note = "fANOVA importance of each varying parameter for validation accuracy (sums to 1)."
-    return [*lines, note, "", markdown_table(found, {"importance": fmt_float(".3f")}), ""]
+        return [*lines, note if missing else "Not computed.", ""]
+    lines += ["fANOVA importance of each varying parameter for validation accuracy (sums to "
+              "1 per group).", "", markdown_table(found, {"importance": fmt_float(".3f")}), ""]
+    return [*lines, note, ""] if missing else lines
 
 
-def health_section(epochs: pd.DataFrame) -> list[str]:
+def health_section(epochs: pd.DataFrame, groups: list[str]) -> list[str]:
     """Mean gradient share of each active loss term; terms that never reach are FLAGGED."""
     lines = ["## Loss-term health check", ""]
     health = health_check(epochs, HEALTH_THRESHOLD)
@@ -112,6 +158,9 @@ def health_section(epochs: pd.DataFrame) -> list[str]:
     lines += [f"Mean share of the student's gradient norm per active term (weight > 0); below "
               f"{HEALTH_THRESHOLD} the term does not reach the student.", "",
               markdown_table(shown, {"mean_share": fmt_float(".4f")}), ""]
+    silent = [g for g in groups if g not in set(health["group"])]
+    if silent:
+        lines += [f"No epoch rows for {', '.join(f'`{g}`' for g in silent)}.", ""]
     flagged = health[health["flagged"]]
     if flagged.empty:
         return [*lines, "No term flagged.", ""]
@@ -121,24 +170,26 @@ def health_section(epochs: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
-def status_section(trials: pd.DataFrame) -> list[str]:
-    """How many trials of each group ended in each status (ASHA stops included)."""
+def status_section(trials: pd.DataFrame, outcomes: pd.DataFrame) -> list[str]:
+    """How many trials of each group ended in each status (ASHA stops included), and the
+    group's first error; every group has a row."""
     lines = ["## Trial status (ASHA)", ""]
     if trials.empty or not {"group", "status"} <= set(trials.columns):
         return [*lines, "No trials recorded.", ""]
     counts = pd.crosstab(trials["group"], trials["status"])
     statuses = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
-    counts = counts.reindex(index=ordered_groups(counts.index), columns=statuses)
-    counts = counts.assign(total=counts.sum(axis=1)).reset_index()
-    return [*lines, markdown_table(counts), ""]
+    counts = counts.reindex(index=list(outcomes["group"]), columns=statuses, fill_value=0)
+    counts = counts.assign(total=counts.sum(axis=1),
+                           first_error=outcomes.set_index("group")["first_error"])
+    return [*lines, markdown_table(counts.reset_index(), {"first_error": fmt_text}), ""]
 
 
-def robustness_section(robustness: pd.DataFrame) -> list[str]:
+def robustness_section(robustness: pd.DataFrame, groups: list[str]) -> list[str]:
     """Mean accuracy (percent) per group and severity, over corruptions and seeds."""
     if robustness.empty or not {"group", "severity", "acc"} <= set(robustness.columns):
         return []
     table = robustness.pivot_table(index="group", columns="severity", values="acc") * 100
-    table = table.reindex(ordered_groups(table.index))
+    table = table.reindex(ordered_groups([*groups, *table.index]))
     table.columns = [f"severity {c}" for c in table.columns]
     table = table.reset_index()
     formats = {c: ACC for c in table.columns if c != "group"}
@@ -167,6 +218,14 @@ def draw_figures(study: Study, comparison: pd.DataFrame, out: Path) -> dict[str,
     }
 
 
+def study_groups(study: Study) -> list[str]:
+    """The study's groups (``study.json``) and every group found in its tables, in order."""
+    found = [*study.config.get("groups", [])]
+    for table in (study.trials, study.epochs, study.runs, study.robustness):
+        found += list(table["group"].unique()) if "group" in table else []
+    return ordered_groups(found)
+
+
 def default_out_dir(study_dir: str | Path) -> Path:
     """``<study_dir>/report`` on the local disk; remote studies need an explicit out_dir."""
     text = str(study_dir)
@@ -185,25 +244,28 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dir)
     study = load_study(study_dir)
     out.mkdir(parents=True, exist_ok=True)
-    comparison = compare_groups(study.runs)
     config = study.config
+    groups = study_groups(study)
+    comparison = compare_groups(study.runs, groups=groups)
+    outcomes = group_outcomes(study.trials, config.get("max_epochs"), groups)
     title = f"# kdsearch report: {study.name or Path(str(study_dir)).name}"
     lines = [title, ""]
     if "max_epochs" in config:
         lines += [f"Epoch budget per trial: {config['max_epochs']}.", ""]
     lines += comparison_section(comparison, config.get("data"))
-    lines += best_section(study.trials)
-    lines += importance_section(study.trials, config.get("space") or {})
-    lines += health_section(study.epochs)
-    lines += status_section(study.trials)
-    lines += robustness_section(study.robustness)
+    lines += best_section(outcomes, config.get("max_epochs"))
+    lines += importance_section(study.trials, config.get("space") or {}, groups)
+    lines += health_section(study.epochs, groups)
+    lines += status_section(study.trials, outcomes)
+    lines += robustness_section(study.robustness, groups)
     lines += figures_section(draw_figures(study, comparison, out))
     return atomic_write_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
 
 
 def export_comparison(study_dir: str | Path, fmt: str) -> str:
     """The comparison table as CSV or JSON (records), for ``kdsearch analyze --format``."""
-    comparison = compare_groups(load_study(study_dir).runs)
+    study = load_study(study_dir)
+    comparison = compare_groups(study.runs, groups=study_groups(study))
     if fmt == "csv":
         return comparison.to_csv(index=False)
     if fmt == "json":

@@ -73,8 +73,12 @@ def column_mean(frame: pd.DataFrame, column: str) -> float:
     return float(pd.to_numeric(frame[column], errors="coerce").mean())
 
 
-def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC) -> pd.DataFrame:
+def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
+                   groups: Sequence[str] = ()) -> pd.DataFrame:
     """One row per group of reproduced runs: test accuracy over seeds, paired tests, paper.
+
+    Groups in ``groups`` without runs get a row with ``n`` = 0 (when any run exists at
+    all), so that no group vanishes from the comparison.
 
     Differences are the mean paired difference over seeds present in both groups; p-values
     come from a paired t-test across those seeds (NaN below 2 pairs or against itself);
@@ -85,7 +89,7 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC) -
     runs = runs.assign(acc=pd.to_numeric(runs["test_acc"], errors="coerce") * 100)
     acc = runs.pivot_table(index="seed", columns="group", values="acc", aggfunc="mean")
     rows = []
-    for group in ordered_groups(runs["group"]):
+    for group in ordered_groups([*groups, *runs["group"]]):
         sub = runs[runs["group"] == group]
         mean, std, low, high = mean_ci(sub["acc"].dropna())
         row = {"group": group, "n": int(sub["acc"].notna().sum()), "mean": mean, "std": std,
@@ -105,27 +109,98 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC) -
     return table[COMPARISON_COLUMNS]
 
 
-def best_configs(trials: pd.DataFrame) -> pd.DataFrame:
-    """Best trial per group by validation accuracy among full-budget trials.
+BEST_COLUMNS: list[str] = ["group", "trial_id", "status", "best_val_acc", "best_epoch",
+                           "epochs_run", "seed", *CFG_COLUMNS]
+"""Columns of :func:`best_configs`."""
+OUTCOME_COLUMNS: list[str] = ["group", "basis", *BEST_COLUMNS[1:], "trials", "full_budget",
+                              "failed", "diverged", "first_error"]
+"""Columns of :func:`group_outcomes`."""
+FULL, LONGEST, NONE = "full budget", "LONGEST ONLY", "NO USABLE TRIAL"
+"""Values of ``basis``: where a group's pick comes from."""
 
-    Full budget: ``epochs_run`` equals the group's maximum ``epochs_run``. Failed and
-    diverged trials are left out. No test metric is ever used for selection.
+
+def full_budget(trials: pd.DataFrame, max_epochs: int | None = None) -> pd.Series:
+    """Which usable trials ran the full epoch budget: ``epochs_run >= max_epochs``, or
+    stopped by their own early stopping (patience: not cut short by ASHA).
+
+    ``max_epochs`` is the study's budget (``study.json``); None takes the longest
+    ``epochs_run`` of the whole table, never a per-group maximum.
     """
-    columns = ["group", "trial_id", "status", "best_val_acc", "best_epoch", "epochs_run",
-               "seed", *CFG_COLUMNS]
-    needed = {"group", "epochs_run", "best_val_acc"}
-    if trials.empty or not needed <= set(trials.columns):
-        return pd.DataFrame(columns=columns)
-    ok = trials[trials["best_val_acc"].notna()].reset_index(drop=True)
-    if "status" in ok:
-        ok = ok[ok["status"].isin(USABLE_STATUSES)]
-    picks = []
-    for group in ordered_groups(ok["group"]):
-        sub = ok[ok["group"] == group]
-        full = sub[sub["epochs_run"] == sub["epochs_run"].max()]
-        picks.append(full["best_val_acc"].astype(float).idxmax())
-    best = ok.loc[picks].reset_index(drop=True)
-    return best[[c for c in columns if c in best.columns]]
+    usable = trials["best_val_acc"].notna()
+    if "status" in trials:
+        usable &= trials["status"].isin(USABLE_STATUSES)
+    runs = pd.to_numeric(trials["epochs_run"], errors="coerce")
+    budget = runs[usable].max() if max_epochs is None else max_epochs
+    full = runs >= budget
+    if "status" in trials:
+        full |= trials["status"] == "early_stopped"
+    return usable & full
+
+
+def group_outcomes(trials: pd.DataFrame, max_epochs: int | None = None,
+                   groups: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per group (``groups`` plus every group in ``trials``), none left out.
+
+    ``basis`` says where the pick comes from: ``full budget`` (best validation accuracy among
+    full-budget trials, :func:`full_budget`); ``LONGEST ONLY`` (no trial ran the full
+    budget: the best of the longest-running usable trials, shown for information, not a
+    tuned result); ``NO USABLE TRIAL`` (every trial failed or diverged, or none ran: no
+    pick). Counts of trials, full-budget, failed and diverged trials and the first error
+    (by timestamp) come with every row. No test metric is ever used.
+    """
+    has = trials.columns if not trials.empty else []
+    names = ordered_groups([*groups, *(trials["group"] if "group" in has else [])])
+    if not {"group", "epochs_run", "best_val_acc"} <= set(has):
+        return pd.DataFrame([{"group": g, "basis": NONE, "trials": 0} for g in names],
+                            columns=OUTCOME_COLUMNS)
+    trials = trials.reset_index(drop=True)
+    full = full_budget(trials, max_epochs)
+    usable = full_budget(trials, 0)  # every usable trial
+    status = trials["status"] if "status" in trials else pd.Series("", index=trials.index)
+    rows = []
+    for group in names:
+        mine = trials["group"] == group
+        row: dict = {"group": group, "trials": int(mine.sum()),
+                     "full_budget": int((mine & full).sum()),
+                     "failed": int((mine & (status == "failed")).sum()),
+                     "diverged": int((mine & (status == "diverged")).sum())}
+        row["first_error"] = first_error(trials[mine & status.isin(("failed", "diverged"))])
+        pool, row["basis"] = mine & full, FULL
+        if not pool.any():
+            runs = trials["epochs_run"].where(mine & usable)
+            pool, row["basis"] = (mine & usable & (runs == runs.max()), LONGEST)
+        if not pool.any():
+            row["basis"] = NONE
+        else:
+            pick = trials.loc[pool, "best_val_acc"].astype(float).idxmax()
+            row |= {c: trials.at[pick, c] for c in BEST_COLUMNS[1:] if c in trials}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=OUTCOME_COLUMNS)
+
+
+def first_error(trials: pd.DataFrame) -> str | None:
+    """The earliest (by ``timestamp``) non-empty ``error`` of ``trials``, else None."""
+    if "error" not in trials:
+        return None
+    if "timestamp" in trials:
+        trials = trials.sort_values("timestamp", kind="stable")
+    errors = trials["error"].fillna("").astype(str)
+    errors = errors[errors.str.len() > 0]
+    return str(errors.iloc[0]) if len(errors) else None
+
+
+def best_configs(trials: pd.DataFrame, max_epochs: int | None = None) -> pd.DataFrame:
+    """Best trial per group by validation accuracy among trials that ran the full budget.
+
+    Full budget: :func:`full_budget` with the study's ``max_epochs`` (pass it; None takes
+    the longest ``epochs_run`` in the table). A group without such a trial has no row:
+    there is nothing tuned to reproduce. Failed and diverged trials never count; no test
+    metric is ever used for selection.
+    """
+    outcomes = group_outcomes(trials, max_epochs)
+    best = outcomes[outcomes["basis"] == FULL].reset_index(drop=True)
+    best = best[[c for c in BEST_COLUMNS if c in trials.columns or c == "group"]]
+    return best.astype({c: trials[c].dtype for c in best.columns if c in trials})
 
 
 def health_check(epochs: pd.DataFrame, threshold: float = 0.01) -> pd.DataFrame:

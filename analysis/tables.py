@@ -1,4 +1,7 @@
-"""Load a study's Parquet tables (local path or pyarrow filesystem URI), deduplicated."""
+"""Load a study's Parquet tables (local path or pyarrow filesystem URI), deduplicated.
+
+Which files hold a table's rows is ``analysis.layout``'s business; this module reads them.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis.constants import COLUMNS, KEYS
+from analysis.constants import COLUMNS, KEYS, PARTITION, STRICT, frame_schema
+from analysis.layout import entry, list_files, split
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,52 +68,84 @@ def read_config(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
 
 
 def read_table(fs: pafs.FileSystem, path: str, name: str) -> pd.DataFrame:
-    """Read one hive-partitioned dataset and keep one row per key of table ``name``."""
+    """Read one hive-partitioned table and keep one row per key of table ``name``."""
     return deduplicate(read_parts(fs, path, name), name)
 
 
 def read_parts(fs: pafs.FileSystem, path: str, name: str) -> pd.DataFrame:
-    """Every row of one hive-partitioned dataset as written (duplicates included)."""
-    files = parquet_files(fs, path)
-    if not files:
-        return pd.DataFrame(columns=COLUMNS[name])
-    schema = unified_schema(fs, files)
-    dataset = ds.dataset(
-        files, schema=schema, format="parquet", partitioning="hive",
-        partition_base_dir=path, filesystem=fs,
-    )
-    try:
-        table = dataset.to_table()
-    except (pa.ArrowException, OSError) as exc:
-        raise corrupt_part_error(fs, files, path, exc) from exc
+    """Every row of one table as written (duplicates included), in write order.
+
+    The files to read come from one listing (``analysis.layout``). A compaction may replace
+    files while they are read; the table is then listed and read again, so the rows returned
+    are those of one consistent set of files: every row exactly once.
+    """
+    for _ in range(READ_TRIES):
+        listed = {i.path for i in list_files(fs, path)}
+        files = [e.path for e in split(sorted(listed))[0]]
+        if not files:
+            return pd.DataFrame(columns=COLUMNS[name])
+        try:
+            table = scan(fs, path, files, name)
+        except (pa.ArrowException, OSError) as exc:
+            if unchanged(fs, path, listed, files):
+                raise corrupt_part_error(fs, files, path, exc) from exc
+            continue
+        if unchanged(fs, path, listed, files):
+            return to_frame(table)
+    raise ValueError(f"{path}: the table kept changing while it was read ({READ_TRIES} tries)")
+
+
+READ_TRIES = 20
+
+
+def unchanged(fs: pafs.FileSystem, path: str, listed: set[str], files: list[str]) -> bool:
+    """Whether a new listing still holds every file read and no new compacted file: then
+    the files read are a consistent view (new parts, being newer, may simply be missing)."""
+    now = {i.path for i in list_files(fs, path)}
+    new_compacted = any(entry(p).compacted for p in now - listed)
+    return not new_compacted and set(files) <= now
+
+
+def scan(fs: pafs.FileSystem, path: str, files: list[str], name: str) -> pa.Table:
+    """The rows of ``files`` (in order) with table ``name``'s columns, ``group`` from the path.
+
+    ``epochs`` and ``trials`` have fixed columns, so no file's schema is read up front; the
+    others may carry extra columns and are unified over their (few) files.
+    """
+    schema = frame_schema(name)
+    if name not in STRICT:
+        schema = unified_schema(fs, files, schema)
+    partitioning = ds.partitioning(PARTITION, flavor="hive")
+    chunks = []
+    for start in range(0, len(files), SCAN_CHUNK):
+        dataset = ds.dataset(files[start:start + SCAN_CHUNK], schema=schema, format="parquet",
+                             partitioning=partitioning, partition_base_dir=path, filesystem=fs)
+        chunks.append(dataset.to_table().combine_chunks())
+    return pa.concat_tables(chunks)
+
+
+SCAN_CHUNK = 256
+"""Files per dataset scan: the memory a scan keeps per file (about 0.1 MB of metadata, never
+handed back to the OS) is then bounded by one chunk, not by the whole table."""
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
     frame = table.to_pandas()
     if "group" in frame:
         frame["group"] = frame["group"].astype(str)
     return frame
 
 
-def parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Parquet parts under ``path`` in file order (sorted paths); hidden/temp files skipped."""
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(
-        info.path for info in infos
-        if info.type == pafs.FileType.File
-        and info.base_name.endswith(".parquet")
-        and not info.base_name.startswith((".", "_"))
-    )
-
-
-def unified_schema(fs: pafs.FileSystem, files: list[str]) -> pa.Schema:
-    """One schema covering every part (columns added later are kept) plus ``group``."""
-    schemas = []
+def unified_schema(fs: pafs.FileSystem, files: list[str], base: pa.Schema) -> pa.Schema:
+    """``base`` plus every column any of ``files`` adds (types unified)."""
+    schemas = [base]
     for file in files:
         try:
             schemas.append(pq.read_schema(file, filesystem=fs))
+        except FileNotFoundError:
+            raise  # removed by a compaction meanwhile: the caller reads again
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"corrupt Parquet file {file}: {exc}") from exc
-    schemas.append(pa.schema([("group", pa.string())]))
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 

@@ -1,10 +1,15 @@
 """The Parquet sink: append-only, hive-partitioned tables under ``<storage>/<study>/``.
 
 Every ``append`` writes one new part file ``<table>/group=<g>/part-<time>-<uuid>.parquet``
-(written under a hidden temporary name, then renamed), so a reader never sees half a file
-and a crashed writer leaves at most a hidden temporary file. Rows are never rewritten:
-readers keep the latest row per key (``read_table``), so a retried or resumed trial never
-counts twice. Part names start with a nanosecond timestamp, so file order is write order.
+(``analysis.layout`` names the files). The file holds the table's columns except ``group``,
+which is only the partition key, so pandas, pyarrow, polars and duckdb read a table directory
+directly. A part is written under a hidden temporary name and renamed (on object stores a
+single PUT), so a reader never sees half a file and a crashed writer leaves at most a hidden
+temporary file; the time in its name is taken just before the rename, so a part becomes
+visible within moments of its time (``search.compact`` relies on that). Rows are never
+rewritten: readers keep the latest row per key (``read_table``), so a retried or resumed
+trial never counts twice. File order is write order. ``search.compact`` merges a
+partition's parts into one file.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import io
 import math
 import posixpath
 import re
-import time
 import uuid
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -22,42 +27,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis import tables
+from analysis import layout, tables
+from analysis.constants import CFG_COLUMNS, SCHEMAS, STRICT
+from analysis.constants import TERMS as TERMS  # re-exported for search.callback
 
 from . import fsutil
 
-CFG = [f"cfg_{p}" for p in ("T", "w_ce", "w_kl", "w_at", "w_fa", "mask_pct")]
-TERMS = ("ce", "kl", "at", "fa")
-F, INT, S = pa.float64(), pa.int64(), pa.string()
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "epochs": pa.schema(
-        [("study", S), ("group", S), ("trial_id", S), ("attempt", INT), ("epoch", INT),
-         ("seed", INT)]
-        + [(c, F) for c in CFG]
-        + [("val_acc", F), ("val_loss", F), ("train_loss", F)]
-        + [(f"loss_{t}", F) for t in TERMS] + [(f"gshare_{t}", F) for t in TERMS]
-        + [("lr", F), ("epoch_seconds", F), ("images_per_s", F), ("node", S), ("timestamp", F)]
-    ),
-    "trials": pa.schema(
-        [("study", S), ("group", S), ("trial_id", S), ("status", S), ("epochs_run", INT),
-         ("best_val_acc", F), ("best_epoch", INT), ("wall_seconds", F), ("seed", INT)]
-        + [(c, F) for c in CFG] + [("error", S), ("timestamp", F)]
-    ),
-    "runs": pa.schema(
-        [("study", S), ("group", S), ("seed", INT), ("source_trial_id", S), ("test_acc", F),
-         ("test_loss", F), ("corrupt_acc_mean", F), ("params", INT), ("latency_ms_bs1", F),
-         ("images_per_s_bs256", F)] + [(c, F) for c in CFG] + [("timestamp", F)]
-    ),
-    "robustness": pa.schema(
-        [("study", S), ("group", S), ("seed", INT), ("corruption", S), ("severity", INT),
-         ("acc", F), ("timestamp", F)]
-    ),
-}
-# Tables whose columns are fixed; runs/robustness may carry extra columns (types inferred).
-STRICT = ("epochs", "trials")
+CFG = CFG_COLUMNS
 STATUSES = ("completed", "asha_stopped", "early_stopped", "failed", "diverged")
 _GROUP = re.compile(r"[A-Za-z0-9_.-]+")
+# A part holds a row or a few: no dictionary, statistics or compression, which makes the many
+# small files of a running study about a third cheaper to read (measured: docs/PERFORMANCE.md).
+PART_OPTIONS = {"use_dictionary": False, "write_statistics": False, "compression": "NONE"}
 
 
 def _cell(value: Any, dtype: pa.DataType) -> Any:
@@ -75,30 +56,64 @@ def _cell(value: Any, dtype: pa.DataType) -> Any:
     return value
 
 
-def to_arrow(table: str, group: str, rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows as an Arrow table with the table's schema (``group`` set on every row)."""
+def to_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as an Arrow table with the table's stored columns (a ``group`` key is dropped:
+    the partition directory holds it)."""
     schema = SCHEMAS[table]
     names = set(schema.names)
-    extra = sorted({k for row in rows for k in row} - names)
+    extra = sorted({k for row in rows for k in row} - names - {"group"})
     if extra and table in STRICT:
         raise ValueError(f"{table}: unknown column {extra[0]!r}")
     columns = {}
     for fld in schema:
-        values = [group if fld.name == "group" else row.get(fld.name) for row in rows]
-        columns[fld.name] = pa.array([_cell(v, fld.type) for v in values], type=fld.type)
+        columns[fld.name] = pa.array([_cell(row.get(fld.name), fld.type) for row in rows],
+                                     type=fld.type)
     for name in extra:
         columns[name] = pa.array([row.get(name) for row in rows])
     return pa.table(columns)
 
 
-class ParquetSink:
-    """Writes rows of one study; holds only the study location, so it pickles cheaply."""
+def publish(fs: pafs.FileSystem, folder: str, data: bytes, name=layout.part_name) -> str:
+    """Write ``data`` as a new file in ``folder`` named ``name()`` (called just before the
+    file becomes visible); returns its path. Local: hidden temporary, then rename."""
+    fs.create_dir(folder, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        path = posixpath.join(folder, name())
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return path
+    tmp = posixpath.join(folder, f".part-{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        path = posixpath.join(folder, name())
+        fs.move(tmp, path)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+    return path
 
-    def __init__(self, study_dir: str):
+
+COMPACT_EVERY = 500
+"""A sink compacts a partition after this many appends to it, so that a running study is
+never more than a few hundred part files per partition (``search.compact``)."""
+RUNNING_MARGIN_S = 10.0
+"""The sink's own compactions merge only parts older than this (another writer's parts)."""
+
+
+class ParquetSink:
+    """Writes rows of one study; holds the study location and a count of appends per
+    partition, so it pickles cheaply. ``compact_every=None`` never compacts."""
+
+    def __init__(self, study_dir: str, compact_every: int | None = COMPACT_EVERY):
         self.study_dir = str(study_dir)
+        self.compact_every = compact_every
+        self.appended: dict[tuple[str, str], int] = {}
 
     def append(self, table: str, group: str, rows: list[dict[str, Any]]) -> str | None:
-        """Write ``rows`` as one new part file of ``table``/``group``; returns its path."""
+        """Write ``rows`` as one new part file of ``table``/``group``; returns its path.
+
+        A row's ``group`` key, if any, is ignored: the partition is ``group``."""
         if table not in SCHEMAS:
             raise ValueError(f"table: unknown {table!r}, expected one of {list(SCHEMAS)}")
         if not _GROUP.fullmatch(group or ""):
@@ -106,12 +121,27 @@ class ParquetSink:
         if not rows:
             return None
         buf = io.BytesIO()
-        pq.write_table(to_arrow(table, group, rows), buf)
+        pq.write_table(to_arrow(table, rows), buf, **PART_OPTIONS)
         fs, root = fsutil.resolve(self.study_dir)
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex}.parquet"
-        path = posixpath.join(root, table, f"group={group}", name)
-        fsutil.atomic_write(fs, path, buf.getvalue())
+        path = publish(fs, posixpath.join(root, table, f"group={group}"), buf.getvalue())
+        self.count_and_compact(table, group)
         return path
+
+    def count_and_compact(self, table: str, group: str) -> None:
+        """Every ``compact_every`` appends to a partition, compact its older parts. A failed
+        compaction only warns: the parts stay readable, and the next one retries."""
+        every = getattr(self, "compact_every", COMPACT_EVERY)  # sinks pickled before
+        counts = self.__dict__.setdefault("appended", {})
+        counts[table, group] = counts.get((table, group), 0) + 1
+        if not every or counts[table, group] < every:
+            return
+        counts[table, group] = 0
+        from .compact import compact_group  # search.compact imports this module
+
+        try:
+            compact_group(self.study_dir, group, (table,), min_age_s=RUNNING_MARGIN_S)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            warnings.warn(f"compaction of {table}/group={group} failed: {exc}", stacklevel=2)
 
     def drop_group(self, table: str, group: str) -> None:
         """Remove every part of ``table``/``group`` (stale rows of a restarted search)."""
@@ -127,10 +157,10 @@ def append(study_dir: str, table: str, group: str, rows: list[dict[str, Any]]) -
 
 
 def part_files(study_dir: str, name: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """(filesystem, table path, visible part files in write order)."""
+    """(filesystem, table path, the files a reader reads, in write order)."""
     fs, root = fsutil.resolve(study_dir)
     path = posixpath.join(root, name)
-    return fs, path, tables.parquet_files(fs, path)
+    return fs, path, layout.visible_files(fs, path)
 
 
 def read_raw(study_dir: str, name: str) -> pd.DataFrame:

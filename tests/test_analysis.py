@@ -22,6 +22,7 @@ from analysis import (
     best_configs,
     compare_groups,
     export_comparison,
+    group_outcomes,
     health_check,
     holm,
     latest_attempt,
@@ -309,6 +310,80 @@ def test_best_configs_uses_full_budget_validation(study: analysis.Study) -> None
     assert best.loc["kd", "best_val_acc"] == pytest.approx(0.90)
     assert best.loc["kd", "cfg_T"] == pytest.approx(12.0)
     assert best.loc["fa", "trial_id"] == "fa-2"
+
+
+def test_best_configs_uses_the_study_budget_not_a_group_maximum() -> None:
+    trials = pd.DataFrame([
+        {"group": "kd", "trial_id": "k0", "status": "completed", "epochs_run": 4,
+         "best_val_acc": 0.7},
+        {"group": "at", "trial_id": "a0", "status": "asha_stopped", "epochs_run": 2,
+         "best_val_acc": 0.9},
+        {"group": "at", "trial_id": "a1", "status": "early_stopped", "epochs_run": 3,
+         "best_val_acc": 0.6},
+        {"group": "fa", "trial_id": "f0", "status": "asha_stopped", "epochs_run": 2,
+         "best_val_acc": 0.8},
+    ])
+    # at: its early-stopped trial had the full budget; the ASHA-stopped one (higher) did not
+    assert best_configs(trials, 4)["trial_id"].tolist() == ["k0", "a1"]
+    assert best_configs(trials)["trial_id"].tolist() == ["k0", "a1"]  # budget: longest = 4
+    assert best_configs(trials, 5)["trial_id"].tolist() == ["a1"]
+    assert best_configs(trials, 4)["epochs_run"].dtype == trials["epochs_run"].dtype
+
+
+HONEST_TRIALS = [  # (group, trial_id, status, epochs_run, best_val_acc, error, timestamp)
+    ("kd", "kd-0", "completed", MAX_EPOCHS, 0.70, None, 1.0),
+    ("kd", "kd-1", "asha_stopped", 1, 0.95, None, 2.0),
+    ("at", "at-0", "asha_stopped", 1, 0.60, None, 1.0),
+    ("at", "at-1", "asha_stopped", 2, 0.65, None, 2.0),
+    ("at", "at-2", "asha_stopped", 2, 0.62, None, 3.0),
+    ("fa", "fa-0", "failed", 0, math.nan, "RuntimeError: CUDA out of memory", 9.0),
+    ("fa", "fa-1", "diverged", 2, math.nan, "non-finite loss | at epoch 2", 5.0),
+]
+
+
+def test_report_marks_groups_without_full_budget_and_keeps_failed_ones(tmp_path: Path) -> None:
+    """No `at` trial reached the budget: its row says so. Every `fa` trial failed or
+    diverged: it stays in every table with its counts and first error. `baseline` never
+    ran a trial: it is listed too."""
+    root = tmp_path / "honest"
+    root.mkdir()
+    groups = ["baseline", "kd", "at", "fa"]
+    (root / "study.json").write_text(json.dumps(
+        {"study": "h", "groups": groups, "max_epochs": MAX_EPOCHS, "space": SPACE}))
+    trials = [{"study": "h", "group": g, "trial_id": t, "status": st, "epochs_run": e,
+               "best_val_acc": acc, "best_epoch": e, "seed": 0, "error": err,
+               "timestamp": ts, **cfg(g)} for g, t, st, e, acc, err, ts in HONEST_TRIALS]
+    write_parts(root, "trials", "part-000.parquet", trials)
+    write_parts(root, "runs", "part-000.parquet",
+                [run_row(g, s, 0.8) for g in ("baseline", "kd") for s in (0, 1)])
+    study = load_study(root)
+    outcomes = group_outcomes(study.trials, MAX_EPOCHS, groups).set_index("group")
+    assert outcomes["basis"].to_dict() == {"baseline": "NO USABLE TRIAL", "kd": "full budget",
+                                           "at": "LONGEST ONLY", "fa": "NO USABLE TRIAL"}
+    assert outcomes.loc["kd", "trial_id"] == "kd-0"  # not kd-1 (0.95 after 1 epoch)
+    assert outcomes.loc["at", "trial_id"] == "at-1" and outcomes.loc["at", "epochs_run"] == 2
+    assert outcomes.loc["fa", ["trials", "failed", "diverged"]].tolist() == [2, 1, 1]
+    assert outcomes.loc["fa", "first_error"] == "non-finite loss | at epoch 2"  # earliest
+    assert best_configs(study.trials, MAX_EPOCHS)["group"].tolist() == ["kd"]
+
+    text = write_report(root).read_text()
+    best = text.split("## Best configuration per group")[1].split("\n## ")[0]
+    assert "full budget of 4 epochs" in best and "group's full epoch budget" not in text
+    assert "| at | LONGEST ONLY | at-1 | asha_stopped | 65.00 |" in best
+    assert "- `at`: no trial ran the study's full budget of 4 epochs" in best
+    assert "| fa | NO USABLE TRIAL | — |" in best
+    assert "- `fa`: no usable trial (2 trials, 1 failed, 1 diverged); first error: " \
+           "non-finite loss / at epoch 2" in best
+    assert "| baseline | NO USABLE TRIAL |" in best
+    status = text.split("## Trial status (ASHA)")[1].split("\n## ")[0]
+    # columns: completed, asha_stopped, failed, diverged, total, first_error
+    assert "| fa | 0 | 0 | 1 | 1 | 2 | non-finite loss / at epoch 2 |" in status
+    assert "| baseline | 0 | 0 | 0 | 0 | 0 | — |" in status
+    comparison = text.split("## Test accuracy over seeds")[1].split("\n## ")[0]
+    for group in ("at", "fa"):
+        assert f"| {group} | 0 | — |" in comparison
+    importance = text.split("## Hyperparameter importance")[1].split("\n## ")[0]
+    assert "`fa`" in importance and "`at`" in importance
 
 
 def test_health_check_flags_only_planted_term(study: analysis.Study) -> None:
