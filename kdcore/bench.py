@@ -8,12 +8,14 @@ images with ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor`
 
 Each measurement times ``steps`` optimizer steps after ``warmup`` untimed ones, including
 the time to produce the batches. On CUDA it also reports peak memory and the share of the
-card's peak bf16 rate reached, from FLOPs counted by ``torch.utils.flop_counter``.
+card's peak bf16 rate reached, from FLOPs counted by ``torch.utils.flop_counter``. Every row
+names the precision it ran at, resolved (``"bf16"`` or ``"fp32"``, never ``"auto"``).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -22,8 +24,10 @@ import torch
 
 from .config import TrialConfig
 from .data import Dataset, train_batches
+from .memory import keep_freed_memory
 from .models import build_model
 from .objective import build_connectors
+from .precision import resolve_precision
 from .train import build_student, prepare_teacher, train_step
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name match.
@@ -45,12 +49,15 @@ class BenchSpec:
     student: str = "resnet18"
     teacher: str = "resnet50"
     width: float = 1.0
+    teacher_width: float | None = None  # None: the same as ``width``
+    teacher_cbam: bool = True
     batch: int = 64
     device: str = "cpu"
     steps: int = 5
     warmup: int = 2
     workers: int = 2
     compile: bool = False
+    precision: str = "auto"  # auto, fp32 or bf16 (autocast of the timed step)
 
 
 def _config(spec: BenchSpec) -> TrialConfig:
@@ -59,10 +66,12 @@ def _config(spec: BenchSpec) -> TrialConfig:
         student=spec.student,
         teacher=spec.teacher,
         student_width=spec.width,
-        teacher_width=spec.width,
+        teacher_width=spec.width if spec.teacher_width is None else spec.teacher_width,
+        teacher_cbam=spec.teacher_cbam,
         batch_size=spec.batch,
         device=spec.device,
         compile=spec.compile,
+        precision=resolve_precision(spec.precision, spec.device),
     )
 
 
@@ -140,15 +149,23 @@ def peak_bf16_tflops(device: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def run_bench(spec: BenchSpec, data: Dataset) -> dict:
-    """Time ``spec.steps`` training steps of one group with one feed; returns a result row."""
+def _setup(spec: BenchSpec, data: Dataset):
+    """(config, student, its forward, teacher, connectors, optimizer) for ``spec``."""
     config = _config(spec)
     cuda = spec.device.startswith("cuda")
+    if not cuda:
+        keep_freed_memory()  # as fit does (kdcore.memory)
     student = build_student(config, data.num_classes).to(spec.device)
     teacher = None
     if config.needs_teacher:
         teacher = prepare_teacher(
-            build_model(spec.teacher, data.num_classes, width=spec.width, cbam=True), config
+            build_model(
+                config.teacher,
+                data.num_classes,
+                width=config.teacher_width,
+                cbam=config.teacher_cbam,
+            ),
+            config,
         )
     connectors = build_connectors(config, student, teacher).to(spec.device)
     if cuda:
@@ -157,6 +174,13 @@ def run_bench(spec: BenchSpec, data: Dataset) -> dict:
     forward = torch.compile(student) if spec.compile else student
     params = list(student.parameters()) + list(connectors.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    return config, student, forward, teacher, connectors, optimizer
+
+
+def run_bench(spec: BenchSpec, data: Dataset) -> dict:
+    """Time ``spec.steps`` training steps of one group with one feed; returns a result row."""
+    config, student, forward, teacher, connectors, optimizer = _setup(spec, data)
+    cuda = spec.device.startswith("cuda")
     batches = _batches(spec, data, config)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -178,10 +202,12 @@ def run_bench(spec: BenchSpec, data: Dataset) -> dict:
         "group": spec.group,
         "feed": spec.feed,
         "device": spec.device,
+        "precision": config.precision,
         "batch": spec.batch,
         "student": spec.student,
         "teacher": spec.teacher,
         "width": spec.width,
+        "teacher_width": config.teacher_width,
         "steps": spec.steps,
         "images_per_s": images_per_s,
         "step_ms": 1000 * seconds / spec.steps,
@@ -227,9 +253,64 @@ def run_concurrent(spec: BenchSpec, data: Dataset, k: int, threads: int | None =
     # The processes start at different times; the sum of rates slightly overstates the overlap
     # only if one finishes long before the others, so report the slowest process too.
     return {
-        **{k_: rows[0][k_] for k_ in ("group", "feed", "device", "batch", "student", "teacher")},
+        **{
+            k_: rows[0][k_]
+            for k_ in ("group", "feed", "device", "precision", "batch", "student", "teacher")
+        },
         "concurrent": k,
         "images_per_s": sum(r["images_per_s"] for r in rows),
         "images_per_s_slowest": min(r["images_per_s"] for r in rows) * k,
         "gpu_mem_gib": rows[0].get("gpu_mem_gib"),
     }
+
+
+def alternate(specs: list[BenchSpec], data: Dataset, rounds: int) -> list[dict]:
+    """Time ``specs`` one step each in turn, ``rounds`` times, on one set of models.
+
+    For comparing precisions and feeds on a machine whose load changes from second to second:
+    every round sees all specs at nearly the same moment. The specs may differ only in
+    ``precision`` and ``feed``. A first round warms every path up untimed. Returns one row per
+    spec with the median images/s over rounds (wall clock, and per CPU-second of this process,
+    which other processes' load does not inflate on one thread) and the per-round seconds.
+    """
+    same = {(s.group, s.student, s.teacher, s.width, s.teacher_width, s.teacher_cbam, s.batch,
+             s.device, s.compile) for s in specs}
+    if len(same) != 1:
+        raise ValueError("alternate: specs may differ only in precision and feed")
+    _, student, forward, teacher, connectors, optimizer = _setup(specs[0], data)
+    configs = [_config(s) for s in specs]
+    feeds = [_batches(s, data, c) for s, c in zip(specs, configs, strict=True)]
+    sync = torch.cuda.synchronize if specs[0].device.startswith("cuda") else (lambda: None)
+    wall: list[list[float]] = [[] for _ in specs]
+    cpu: list[list[float]] = [[] for _ in specs]
+    try:
+        for r in range(rounds + 1):
+            for i, (config, feed) in enumerate(zip(configs, feeds, strict=True)):
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                xb, yb = next(feed)
+                train_step(config, forward, teacher, connectors, optimizer, xb, yb)
+                sync()
+                if r:
+                    wall[i].append(time.perf_counter() - t0)
+                    cpu[i].append(time.process_time() - c0)
+    finally:
+        for feed in feeds:
+            feed.close()
+    batch = specs[0].batch
+    return [
+        {
+            "group": spec.group,
+            "feed": spec.feed,
+            "precision": config.precision,
+            "device": spec.device,
+            "batch": batch,
+            "width": spec.width,
+            "rounds": rounds,
+            "threads": torch.get_num_threads(),
+            "images_per_s": batch / statistics.median(w),
+            "images_per_cpu_s": batch / statistics.median(c),
+            "step_seconds": w,
+        }
+        for spec, config, w, c in zip(specs, configs, wall, cpu, strict=True)
+    ]

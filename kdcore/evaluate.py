@@ -4,6 +4,9 @@ Corruptions follow the spirit of CIFAR-10-C (Hendrycks & Dietterich, 2019) at se
 1-5, applied on the device to whole batches of [0, 1] images before normalization. Random
 corruptions draw from a generator seeded by (corruption, severity), so every model sees the
 same corrupted images.
+
+``precision`` (auto, fp32 or bf16; ``kdcore.precision``) sets the autocast of every forward
+pass here, as in training: corruptions are applied in fp32, the model runs under autocast.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from .models import count_parameters
+from .precision import autocast, resolve_precision
 
 # Severity parameters (index 0 = severity 1), after CIFAR-10-C's choices for 32x32 images.
 SEVERITY = {
@@ -79,6 +83,7 @@ def accuracy(
     std,
     batch_size: int = 512,
     transform: Callable[[Tensor], Tensor] | None = None,
+    precision: str = "auto",
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on uint8 (N, H, W, C) images, optionally transformed."""
     model.eval()
@@ -91,7 +96,8 @@ def accuracy(
         if transform is not None:
             xb = transform(xb)
         yb = y[i : i + batch_size].to(device)
-        logits, _ = model((xb - m) / s)
+        with autocast(precision, device):
+            logits, _ = model((xb - m) / s)
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     n = max(len(y), 1)
@@ -107,6 +113,7 @@ def robustness(
     batch_size: int = 512,
     corruptions: tuple[str, ...] = CORRUPTIONS,
     severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    precision: str = "auto",
 ) -> list[dict]:
     """Accuracy under each corruption and severity: rows of {corruption, severity, acc}."""
     rows = []
@@ -121,6 +128,7 @@ def robustness(
                 std,
                 batch_size,
                 transform=lambda xb, n=name, s=sev, g=g: corrupt(xb, n, s, g),
+                precision=precision,
             )
             rows.append({"corruption": name, "severity": sev, "acc": acc})
     return rows
@@ -133,6 +141,7 @@ def speed(
     device: str = "cpu",
     repeats: int = 20,
     large_batch: int = 256,
+    precision: str = "auto",
 ) -> dict:
     """Median latency per sample at batch 1 (ms) and throughput at ``large_batch`` (images/s)."""
     model = model.to(device).eval()
@@ -140,14 +149,15 @@ def speed(
 
     def median_seconds(batch: int, n: int) -> float:
         x = torch.randn(batch, *image_shape, device=device)
-        model(x)  # warm-up
-        times = []
-        for _ in range(n):
-            sync()
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            times.append(time.perf_counter() - t0)
+        with autocast(precision, device):
+            model(x)  # warm-up
+            times = []
+            for _ in range(n):
+                sync()
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
     return {
@@ -164,20 +174,31 @@ def evaluate_student(
     batch_size: int = 512,
     with_robustness: bool = True,
     speed_repeats: int = 20,
+    precision: str = "auto",
 ) -> dict:
-    """Everything ``reproduce`` records for one student: test metrics, robustness, size, speed."""
+    """Everything ``reproduce`` records for one student: test metrics, robustness, size, speed.
+
+    ``metrics["precision"]`` names the resolved precision (``"bf16"`` or ``"fp32"``).
+    """
     model = model.to(device).eval()
-    test_loss, test_acc = accuracy(model, data.test_x, data.test_y, data.mean, data.std, batch_size)
+    precision = resolve_precision(precision, device)
+    test_loss, test_acc = accuracy(
+        model, data.test_x, data.test_y, data.mean, data.std, batch_size, precision=precision
+    )
     rows = (
-        robustness(model, data.test_x, data.test_y, data.mean, data.std, batch_size)
+        robustness(
+            model, data.test_x, data.test_y, data.mean, data.std, batch_size, precision=precision
+        )
         if with_robustness
         else []
     )
+    shape = tuple(data.test_x.shape[i] for i in (3, 1, 2))
     result = {
         "test_acc": test_acc,
         "test_loss": test_loss,
         "corrupt_acc_mean": sum(r["acc"] for r in rows) / len(rows) if rows else float("nan"),
         "params": count_parameters(model),
-        **speed(model, tuple(data.test_x.shape[i] for i in (3, 1, 2)), device, speed_repeats),
+        "precision": precision,
+        **speed(model, shape, device, speed_repeats, precision=precision),
     }
     return {"metrics": result, "robustness": rows}

@@ -1,7 +1,8 @@
 """The teacher: trained once with the same loop (CE only) and cached by a content hash.
 
 The hash covers the teacher's config and the dataset fingerprint, so a study (or several)
-with the same teacher and data reuses one file. Files load with ``weights_only=True``.
+with the same teacher and data reuses one file; where and how fast it trains (``device``,
+``precision``) is left out. Files load with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TeacherConfig:
     patience: int = 0
     seed: int = 0
     device: str = "cpu"
+    precision: str = "auto"  # auto, fp32 or bf16 autocast (kdcore.precision)
 
     def trial_config(self) -> TrialConfig:
         """The CE-only ``TrialConfig`` that trains this teacher as a 'student'."""
@@ -55,11 +57,13 @@ class TeacherConfig:
             patience=self.patience,
             seed=self.seed,
             device=self.device,
+            precision=self.precision,
         )
 
     def content_hash(self, data: Dataset) -> str:
-        """Hash of everything that determines the teacher's weights (device excluded)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        """Hash of everything that determines the teacher's weights (device, precision excluded)."""
+        runtime = ("device", "precision")
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
         blob = json.dumps({"teacher": fields, "data": data.fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -11,7 +11,6 @@ waits for the host. A non-finite loss raises ``DivergedError``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -25,8 +24,11 @@ from torch import Tensor, nn
 
 from .config import TERMS, TrialConfig
 from .data import Dataset, eval_batches, train_batches
+from .memory import keep_freed_memory
 from .models import build_model
 from .objective import build_connectors, gradient_shares, loss_terms, weighted_total
+from .precision import autocast as precision_autocast
+from .precision import resolve_precision
 
 Report = Callable[[dict, dict], None]
 
@@ -49,21 +51,33 @@ class FitResult:
     best_val_acc: float
     best_val_loss: float
     history: list[dict]
-    student: nn.Module  # weights of the best validation epoch
+    student: nn.Module  # weights of the best epoch (``best_epoch_of``)
     connectors: nn.ModuleDict
 
 
 def use_bf16(config: TrialConfig) -> bool:
-    """bf16 autocast: on by default on CUDA, off on CPU unless asked for."""
-    if config.precision == "auto":
-        return config.device.startswith("cuda")
-    return config.precision == "bf16"
+    """Whether ``config`` trains under bf16 autocast (``precision.resolve_precision``)."""
+    return resolve_precision(config.precision, config.device) == "bf16"
 
 
 def autocast(config: TrialConfig):
-    if not use_bf16(config):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(config.device).type, dtype=torch.bfloat16)
+    """bf16 autocast on ``config.device`` when ``use_bf16(config)``, else a no-op context."""
+    return precision_autocast(config.precision, config.device)
+
+
+def epoch_rank(metrics: dict) -> tuple[float, float, int]:
+    """Sort key of an epoch: higher validation accuracy, then lower validation loss, then earlier.
+
+    The one definition of the best epoch (``best_epoch_of``), used by ``fit`` for the student
+    it keeps and by the search for ``best_val_acc``/``best_epoch``.
+    """
+    loss = metrics["val_loss"]
+    return (metrics["val_acc"], -loss if math.isfinite(loss) else -math.inf, -metrics["epoch"])
+
+
+def best_epoch_of(history: list[dict]) -> dict | None:
+    """The best epoch's metrics in ``fit``'s history (see ``epoch_rank``); None when empty."""
+    return max(history, key=epoch_rank) if history else None
 
 
 def build_student(config: TrialConfig, num_classes: int) -> nn.Module:
@@ -132,14 +146,14 @@ def train_step(
     return total.detach(), {t: v.detach() for t, v in terms.items()}, shares
 
 
-def _state(epoch, student, connectors, optimizer, best, history, config) -> dict:
+def _state(epoch, student, connectors, optimizer, best_student, plateau, history, config) -> dict:
     return {
         "epoch": epoch,
         "student": student.state_dict(),
         "connectors": connectors.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "best": dict(best),
-        "best_student": best["student"],
+        "best_student": best_student,
+        "plateau": dict(plateau),
         "history": list(history),
         "torch_rng": torch.get_rng_state(),
         "config": config.to_dict(),
@@ -165,10 +179,14 @@ def fit(
 
     ``report(metrics, state)`` is called after every epoch; ``checkpoint`` (a state from
     ``report`` or a path to one saved with ``torch.save``) resumes training exactly.
-    Early stopping: after ``patience`` epochs without a lower validation loss (0 disables).
+    The returned student is the one of the best epoch (``best_epoch_of``: highest validation
+    accuracy). Early stopping: after ``patience`` epochs without a lower validation loss
+    (0 disables).
     """
     device = torch.device(config.device)
     cuda = device.type == "cuda"
+    if device.type == "cpu":
+        keep_freed_memory()  # steps stop page-faulting their buffers in (kdcore.memory)
     if config.needs_teacher and teacher is None:
         raise ValueError(f"teacher: group {config.group!r} needs a teacher")
     data = data.to(device)
@@ -182,13 +200,8 @@ def fit(
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    best = {
-        "val_loss": math.inf,
-        "val_acc": 0.0,
-        "epoch": 0,
-        "bad_epochs": 0,
-        "student": copy.deepcopy(student.state_dict()),
-    }
+    best_student = copy.deepcopy(student.state_dict())  # weights of the best epoch so far
+    plateau = {"val_loss": math.inf, "bad_epochs": 0}  # early stopping's lowest loss so far
     history: list[dict] = []
     start = 1
     status = "completed"
@@ -197,7 +210,8 @@ def fit(
         student.load_state_dict(state["student"])
         connectors.load_state_dict(state["connectors"])
         optimizer.load_state_dict(state["optimizer"])
-        best = {**state["best"], "student": state["best_student"]}
+        best_student = state["best_student"]
+        plateau = dict(state["plateau"])
         history = list(state["history"])
         torch.set_rng_state(state["torch_rng"])
         start = state["epoch"] + 1
@@ -260,17 +274,12 @@ def fit(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
 
-        if val_loss < best["val_loss"]:
-            best.update(
-                val_loss=val_loss,
-                val_acc=val_acc,
-                epoch=epoch,
-                bad_epochs=0,
-                student=copy.deepcopy(student.state_dict()),
-            )
+        if val_loss < plateau["val_loss"]:
+            plateau = {"val_loss": val_loss, "bad_epochs": 0}
         else:
-            best["bad_epochs"] += 1
-            if config.patience and best["bad_epochs"] >= config.patience and epoch < config.epochs:
+            plateau["bad_epochs"] += 1
+            stalled = config.patience and plateau["bad_epochs"] >= config.patience
+            if stalled and epoch < config.epochs:
                 status = "early_stopped"
         metrics = {
             "epoch": epoch,
@@ -288,19 +297,23 @@ def fit(
             "early_stopped": status == "early_stopped",
         }
         history.append(metrics)
+        if best_epoch_of(history)["epoch"] == epoch:
+            best_student = copy.deepcopy(student.state_dict())
         if report is not None:
-            report(metrics, _state(epoch, student, connectors, optimizer, best, history, config))
+            report(metrics, _state(epoch, student, connectors, optimizer, best_student, plateau,
+                                   history, config))
 
     # A fresh module for the best epoch, so states already handed to ``report`` stay unchanged.
-    best_student = build_student(config, data.num_classes).to(device)
-    best_student.load_state_dict(best["student"])
+    kept = build_student(config, data.num_classes).to(device)
+    kept.load_state_dict(best_student)
+    best = best_epoch_of(history) or {"epoch": 0, "val_acc": math.nan, "val_loss": math.nan}
     return FitResult(
         status=status,
         epochs_run=len(history),
-        best_epoch=best["epoch"],
-        best_val_acc=best["val_acc"],
-        best_val_loss=best["val_loss"],
+        best_epoch=int(best["epoch"]),
+        best_val_acc=float(best["val_acc"]),
+        best_val_loss=float(best["val_loss"]),
         history=history,
-        student=best_student,
+        student=kept,
         connectors=connectors,
     )

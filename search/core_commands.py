@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -144,6 +145,7 @@ def cmd_bench(args) -> int:
                 warmup=args.warmup,
                 workers=args.workers,
                 compile=args.compile,
+                precision=args.precision,
             )
             if args.concurrent > 1:
                 row = run_concurrent(bench, data, args.concurrent, args.threads)
@@ -155,14 +157,16 @@ def cmd_bench(args) -> int:
                 continue
             if not header:
                 print(
-                    f"{'group':<10}{'feed':<12}{'images/s':>10}{'step ms':>10}{'GFLOP/img':>11}"
-                    f"  device={args.device} batch={args.batch} {args.student}<-{args.teacher}"
-                    f" width={args.width} threads={torch.get_num_threads()}"
+                    f"{'group':<10}{'feed':<12}{'precision':<10}{'images/s':>10}{'step ms':>10}"
+                    f"{'GFLOP/img':>11}  device={args.device} batch={args.batch} "
+                    f"{args.student}<-{args.teacher} width={args.width} "
+                    f"threads={torch.get_num_threads()}"
                 )
                 header = True
             print(
-                f"{group:<10}{feed:<12}{row['images_per_s']:>10.1f}"
-                f"{row['step_ms']:>10.1f}{row['gflop_per_image']:>11.3f}",
+                f"{group:<10}{feed:<12}{row['precision']:<10}{row['images_per_s']:>10.1f}"
+                f"{row.get('step_ms', math.nan):>10.1f}"
+                f"{row.get('gflop_per_image', math.nan):>11.3f}",
                 flush=True,
             )
     return 0
@@ -175,7 +179,7 @@ def cmd_teacher(args) -> int:
 
     config = resolve_study(args)
     data = config.load_data()
-    _, meta = prepare_teacher(config, data)
+    _, meta = prepare_teacher(config, data, args.address)
     if not meta:
         print("teacher: no group of this study needs a teacher")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from kdcore import TrialConfig, fit, load_data
-from kdcore.bench import BenchSpec, run_bench, run_concurrent
+from kdcore.bench import BenchSpec, alternate, run_bench, run_concurrent
 from kdcore.data import normalize
+from kdcore.evaluate import accuracy, evaluate_student
 from kdcore.models import build_model
+from kdcore.precision import CPU_BF16_ENV, cpu_supports_bf16, resolve_precision
 from kdcore.train import use_bf16
 from search.cli import main
 
@@ -19,11 +22,64 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 TINY = {"student_width": 0.125, "teacher_width": 0.125, "batch_size": 16}
 
 
-def test_precision_defaults_follow_device():
+def test_precision_defaults_follow_device(monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
     assert use_bf16(TrialConfig(device="cuda")) is True
     assert use_bf16(TrialConfig(device="cuda", precision="fp32")) is False
     assert use_bf16(TrialConfig(device="cpu")) is False
     assert use_bf16(TrialConfig(device="cpu", precision="bf16")) is True
+    assert resolve_precision("auto", "mps") == "fp32"
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # a CPU with bf16 in hardware
+    assert use_bf16(TrialConfig(device="cpu")) is True
+    assert use_bf16(TrialConfig(device="cpu", precision="fp32")) is False
+    with pytest.raises(ValueError, match="^precision:"):
+        resolve_precision("fp16", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [
+        ({"avx512_bf16": True, "amx_bf16": False}, True),
+        ({"avx512_bf16": False, "amx_bf16": True}, True),
+        ({"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}, False),
+        ({"architecture": "arm64"}, False),
+    ],
+)
+def test_cpu_bf16_detection_reads_capabilities(monkeypatch, caps, expected):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert cpu_supports_bf16() is expected
+    assert resolve_precision("auto", "cpu") == ("bf16" if expected else "fp32")
+    monkeypatch.setenv(CPU_BF16_ENV, "0" if expected else "1")  # the override wins
+    assert cpu_supports_bf16() is (not expected)
+
+
+class _DtypeProbe(torch.nn.Module):
+    """A linear classifier that records the dtype its logits were computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+        self.dtypes = []
+
+    def forward(self, x):
+        logits = self.fc(x.flatten(1))
+        self.dtypes.append(logits.dtype)
+        return logits, {}
+
+
+def test_evaluation_runs_under_the_requested_precision():
+    data = load_data("synthetic:4", val_size=8)
+    data = dataclasses.replace(data, test_x=data.test_x[:, :8, :8])  # 8x8 keeps the probe tiny
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        probe = _DtypeProbe()
+        out = evaluate_student(probe, data, precision=precision, with_robustness=False,
+                               speed_repeats=3)
+        assert out["metrics"]["precision"] == precision
+        assert probe.dtypes and set(probe.dtypes) == {dtype}  # accuracy and speed alike
+        _, acc = accuracy(probe, data.test_x, data.test_y, data.mean, data.std,
+                          precision=precision)
+        assert 0.0 <= acc <= 1.0 and probe.dtypes[-1] == dtype
 
 
 def test_normalized_batches_are_channels_last():
@@ -47,26 +103,54 @@ def test_bf16_autocast_path_trains_and_reports_float_metrics():
     assert abs(sum(seen[0][f"gshare_{t}"] for t in ("ce", "kl", "at", "fa")) - 1) < 1e-4
 
 
-def test_bench_rows_and_concurrent_total_on_cpu():
+def test_bench_rows_and_concurrent_total_on_cpu(monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # rows name the resolved precision, never "auto"
     data = load_data("synthetic:8", val_size=10)
     spec = BenchSpec(group="kd", feed="device", width=0.125, batch=8, steps=2, warmup=1)
     row = run_bench(spec, data)
     assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
+    assert row["precision"] == "bf16"
+    fp32 = run_bench(BenchSpec(group="kd", feed="device", width=0.125, batch=8, steps=2,
+                               warmup=1, precision="fp32"), data)
+    assert fp32["precision"] == "fp32"
     dl = run_bench(BenchSpec(group="kd", feed="dataloader", width=0.125, batch=8, steps=2,
                              warmup=1, workers=0), data)
     assert dl["feed"] == "dataloader"
     assert dl["gflop_per_image"] == pytest.approx(row["gflop_per_image"])
     both = run_concurrent(spec, data, k=2, threads=1)
     assert both["concurrent"] == 2 and both["images_per_s"] > 0
+    assert both["precision"] == "bf16"
 
 
-def test_bench_cli_json_lines(capsys):
+def test_alternate_times_each_spec_every_round(monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    data = load_data("synthetic:8", val_size=10)
+    specs = [BenchSpec(group="kd", feed="device", width=0.125, batch=8, precision=p)
+             for p in ("auto", "bf16")]
+    specs.append(BenchSpec(group="kd", feed="dataloader", width=0.125, batch=8, workers=0,
+                           precision="fp32"))
+    rows = alternate(specs, data, rounds=2)
+    assert [(r["feed"], r["precision"]) for r in rows] == [
+        ("device", "fp32"), ("device", "bf16"), ("dataloader", "fp32")]
+    for r in rows:
+        assert len(r["step_seconds"]) == 2 and r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0
+    with pytest.raises(ValueError, match="^alternate:"):
+        alternate([specs[0], BenchSpec(group="at", feed="device", width=0.125, batch=8)], data, 1)
+
+
+@pytest.mark.parametrize(("flag", "cpu_bf16", "expected"),
+                         [("auto", "0", "fp32"), ("auto", "1", "bf16"), ("fp32", "1", "fp32"),
+                          ("bf16", "0", "bf16")])
+def test_bench_cli_json_lines(capsys, monkeypatch, flag, cpu_bf16, expected):
+    monkeypatch.setenv(CPU_BF16_ENV, cpu_bf16)
     rc = main(["bench", "--data", "synthetic:8", "--group", "at", "--width", "0.125",
-               "--batch", "8", "--steps", "1", "--warmup", "1", "--workers", "0", "--json"])
+               "--batch", "8", "--steps", "1", "--warmup", "1", "--workers", "0", "--json",
+               "--precision", flag])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["group"], r["feed"]) for r in rows] == [("at", "device"), ("at", "dataloader")]
     assert all(r["images_per_s"] > 0 for r in rows)
+    assert [r["precision"] for r in rows] == [expected, expected]
 
 
 def test_bench_cli_rejects_bad_batch(capsys):
@@ -143,3 +227,33 @@ def test_cuda_training_steps_never_synchronize_the_host():
                        share_params=list(student.parameters()))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_keep_freed_memory_sets_glibc_thresholds(monkeypatch):
+    import kdcore.memory as memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(memory, "_applied", False)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    monkeypatch.setattr(memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: FakeLibc())
+    assert memory.keep_freed_memory() is True
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)]
+    assert memory.keep_freed_memory() is True and len(calls) == 3  # once per process
+    monkeypatch.setattr(memory, "_applied", False)
+    monkeypatch.setattr(memory.platform, "libc_ver", lambda: ("", ""))  # e.g. musl
+    assert memory.keep_freed_memory() is False and len(calls) == 3
+
+
+def test_fit_on_cpu_keeps_freed_memory(synthetic, count_calls):
+    import kdcore.train as ktrain
+
+    calls = count_calls(ktrain, "keep_freed_memory")
+    fit(TrialConfig(epochs=1, student_width=0.125, batch_size=32, precision="fp32"), synthetic)
+    assert calls["n"] == 1

@@ -56,6 +56,7 @@ def test_content_hash_covers_config_and_data_not_device(synthetic):
     assert len(h) == 16
     assert config.content_hash(synthetic) == h
     assert dataclasses.replace(config, device="cuda").content_hash(synthetic) == h
+    assert dataclasses.replace(config, precision="fp32").content_hash(synthetic) == h
     assert dataclasses.replace(config, lr=0.1).content_hash(synthetic) != h
     assert dataclasses.replace(config, cbam=True).content_hash(synthetic) != h
     other = load_data("synthetic:20", val_size=40, split_seed=1)
@@ -67,6 +68,8 @@ def test_trial_config_is_ce_only():
     assert tc.group == "baseline" and tc.active_terms == ("ce",)
     assert (tc.student, tc.student_width, tc.student_cbam, tc.epochs) == ("resnet50", 0.25,
                                                                           True, 3)
+    assert tc.precision == "auto"
+    assert _config(precision="fp32").trial_config().precision == "fp32"
 
 
 def test_load_teacher_round_trip(tmp_path):

@@ -13,7 +13,8 @@ import kdcore.train as ktrain
 from kdcore.config import GROUP_TERMS, GROUPS, TERMS, TrialConfig
 from kdcore.data import load_data
 from kdcore.models import build_model
-from kdcore.train import DivergedError, evaluate_split, fit, load_checkpoint
+from kdcore.train import DivergedError, best_epoch_of, evaluate_split, fit, load_checkpoint
+from search.trainable import best_of
 
 # ---------------------------------------------------------------------------------------------
 # TrialConfig
@@ -99,8 +100,10 @@ def teacher():
 
 
 def _kd_config(group="kd", **kw):
+    # fp32: these tests compare numbers exactly (resume, hand-computed totals)
     base = dict(student_width=0.125, teacher="resnet18", teacher_width=0.125,
-                teacher_cbam=False, batch_size=32, patience=0, epochs=3, lr=0.05)
+                teacher_cbam=False, batch_size=32, patience=0, epochs=3, lr=0.05,
+                precision="fp32")
     return TrialConfig.for_group(group, **{**base, **kw})
 
 
@@ -130,7 +133,7 @@ def test_fit_reports_metrics(synthetic, teacher):
         assert 0.0 <= m["val_acc"] <= 1.0 and m["val_loss"] > 0
         assert m["lr"] == 0.05 and m["epoch_seconds"] > 0 and m["images_per_s"] > 0
         assert m["early_stopped"] is False
-    best = min(result.history, key=lambda h: h["val_loss"])
+    best = max(result.history, key=lambda h: (h["val_acc"], -h["val_loss"], -h["epoch"]))
     assert result.best_epoch == best["epoch"]
     assert result.best_val_loss == best["val_loss"] and result.best_val_acc == best["val_acc"]
     # The returned student holds the weights of the best epoch.
@@ -251,6 +254,43 @@ def test_early_stopping_waits_for_patience(synthetic, monkeypatch):
     final = result.student.state_dict()
     assert all(torch.equal(final[k], v) for k, v in weights[3].items())
     assert not torch.equal(final["conv1.weight"], weights[5]["conv1.weight"])
+
+
+def _scripted_validation(monkeypatch, results):
+    """Make ``evaluate_split`` return the (val_loss, val_acc) pairs of ``results`` in order."""
+    it = iter(results)
+    monkeypatch.setattr(ktrain, "evaluate_split", lambda *a: next(it))
+
+
+def test_best_epoch_is_highest_accuracy_then_lowest_loss(synthetic, monkeypatch):
+    # Lowest loss at epoch 2; highest accuracy (0.6) at epochs 3 and 4, 4 with the lower loss.
+    _scripted_validation(monkeypatch, [(1.0, 0.3), (0.5, 0.4), (0.9, 0.6), (0.8, 0.6),
+                                       (0.7, 0.5)])
+    weights = []
+    result = fit(_kd_config("baseline", epochs=5), synthetic,
+                 report=lambda m, s: weights.append(copy.deepcopy(s["student"])))
+    assert (result.best_epoch, result.best_val_acc, result.best_val_loss) == (4, 0.6, 0.8)
+    final = result.student.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in weights[3].items())
+    assert not torch.equal(final["conv1.weight"], weights[1]["conv1.weight"])  # lowest loss
+    assert not torch.equal(final["conv1.weight"], weights[4]["conv1.weight"])  # last
+    # The search's best_val_acc/best_epoch come from the same definition.
+    assert best_of(result.history) == (0.6, 4)
+    assert best_of([]) == (pytest.approx(math.nan, nan_ok=True), 0)
+
+
+def test_best_epoch_survives_resume(synthetic, monkeypatch):
+    """A resumed fit keeps the best student found before the interruption."""
+    scripted = [(0.9, 0.7), (0.5, 0.4), (0.4, 0.5)]
+    _scripted_validation(monkeypatch, scripted[:1])
+    states = []
+    fit(_kd_config("baseline", epochs=1), synthetic, report=lambda m, s: states.append(s))
+    epoch1 = copy.deepcopy(states[0]["student"])
+    _scripted_validation(monkeypatch, scripted[1:])
+    result = fit(_kd_config("baseline", epochs=3), synthetic, checkpoint=states[0])
+    assert (result.best_epoch, result.best_val_acc) == (1, 0.7)
+    assert all(torch.equal(result.student.state_dict()[k], v) for k, v in epoch1.items())
+    assert best_epoch_of(result.history)["epoch"] == 1
 
 
 def test_huge_lr_diverges(synthetic, teacher):
