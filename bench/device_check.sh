@@ -1,24 +1,13 @@
 #!/usr/bin/env bash
-# One-call GPU check for the lent device machine: CUDA tests, then the training-step benchmark
-# of every group at the paper's models (ResNet-18 student, ResNet-50+CBAM teacher, batch 64),
-# alone and with K trials sharing the GPU. Writes everything under ${OUT:-./device-out}.
-# Usage (from the repository root, with the venv carried along):  bash bench/device_check.sh
+# One-call GPU check for the lent device machine: CUDA tests, `kdsearch bench` of every group
+# (device feed vs DataLoader, K = 1/2/4 processes, torch.compile on/off), then a Ray-free
+# mini-study at the paper's models on the packed CIFAR-10, each stage with a deadline.
+# Needs only the image's python3 (torch, torchvision, numpy, pandas, pyarrow, scipy,
+# matplotlib, pytest): no Ray, no Optuna, no install. Results go to $OUT (default ./device-out).
+# Usage, from the repository root:
+#   bash bench/device_check.sh              # on the GPU machine (reads packs/cifar10.jpegpack)
+#   PY=python3 bash bench/device_check.sh --dry-run   # every stage on the CPU, tiny sizes
+# See bench/device_check.py and docs/PERFORMANCE.md ("GPU device check").
 set -uo pipefail
-OUT="${OUT:-./device-out}"
-mkdir -p "$OUT"
-PY="${PY:-.venv/bin/python}"
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-} > "$OUT/device.txt" 2>&1
-"$PY" -m pytest -q -m cuda tests > "$OUT/cuda-tests.txt" 2>&1; echo "cuda tests rc=$?" >> "$OUT/cuda-tests.txt"
-"$PY" -m search.cli bench --device cuda --batch 64 --steps 30 --warmup 5 --json --feeds device,dataloader --workers 8 \
-  > "$OUT/bench-cuda.jsonl" 2> "$OUT/bench-cuda.err"
-for k in 2 4; do
-  "$PY" -m search.cli bench --device cuda --batch 64 --steps 30 --warmup 5 --json --feeds device \
-    --group kd --concurrent "$k" >> "$OUT/bench-cuda-concurrent.jsonl" 2>> "$OUT/bench-cuda.err"
-done
-"$PY" -m search.cli bench --device cuda --batch 64 --steps 30 --warmup 10 --json --feeds device --group kd --compile \
-  > "$OUT/bench-cuda-compile.jsonl" 2>> "$OUT/bench-cuda.err"
-cat "$OUT"/*.jsonl
+cd "$(dirname "$0")/.." || exit 2
+exec "${PY:-python3}" bench/device_check.py "$@"

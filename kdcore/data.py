@@ -6,6 +6,8 @@
   allows, otherwise read from an existing ROOT);
 - ``imagefolder:PATH``: ``PATH/train`` and ``PATH/test`` in ImageFolder layout, decoded once
   and cached as ``.npy`` files (never pickled);
+- ``jpegpack:FILE``: a JPEG pack written by ``kdsearch pack`` (``kdcore.jpegpack``): the
+  same images, labels and fingerprint as the ImageFolder tree it was made from;
 - ``synthetic`` or ``synthetic:N``: N learnable 32x32 images per class, for mechanics tests.
 
 The loader keeps uint8 images on the training device and augments whole batches there
@@ -17,6 +19,7 @@ seed see identical batches whatever their group: the comparison across groups is
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -83,14 +86,27 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _decode_image(path: Path) -> np.ndarray:
+def decode_image(source: Path | bytes | np.ndarray, name: str) -> np.ndarray:
+    """One image file (a path or its encoded bytes) as uint8 (H, W, 3); errors name ``name``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        fp = source if isinstance(source, Path) else io.BytesIO(source)
+        with Image.open(fp) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
+        raise DataError(f"cannot decode image {name}: {exc}") from None
+
+
+def check_size(img: np.ndarray, name: str, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The common (H, W) of a dataset's images: ``size`` or, for the first image, its own."""
+    size = size or img.shape[:2]
+    if img.shape[:2] != size:
+        raise DataError(
+            f"image {name} is {img.shape[1]}x{img.shape[0]}, expected "
+            f"{size[1]}x{size[0]} like the others"
+        )
+    return size
 
 
 def _list_imagefolder(split_dir: Path) -> dict[str, list[Path]]:
@@ -113,18 +129,28 @@ def _list_imagefolder(split_dir: Path) -> dict[str, list[Path]]:
     return files
 
 
+def list_tree(root: Path) -> tuple[tuple[str, ...], dict[str, dict[str, list[Path]]]]:
+    """(classes, {"train"|"test": {class: sorted file paths}}) of an ImageFolder tree.
+
+    The one listing order behind both ``imagefolder:`` and the JPEG pack of a tree.
+    """
+    if not root.is_dir():
+        raise DataError(f"data path {root} does not exist")
+    files = {split: _list_imagefolder(root / split) for split in ("train", "test")}
+    if list(files["train"]) != list(files["test"]):
+        raise DataError(
+            f"class folders differ between {root / 'train'} and {root / 'test'}: "
+            f"{sorted(set(files['train']) ^ set(files['test']))}"
+        )
+    return tuple(files["train"]), files
+
+
 def _decode_split(files: dict[str, list[Path]], size: tuple[int, int] | None):
     images, labels = [], []
     for label, paths in enumerate(files.values()):
         for path in paths:
-            img = _decode_image(path)
-            if size is None:
-                size = img.shape[:2]
-            if img.shape[:2] != size:
-                raise DataError(
-                    f"image {path} is {img.shape[1]}x{img.shape[0]}, expected "
-                    f"{size[1]}x{size[0]} like the others"
-                )
+            img = decode_image(path, str(path))
+            size = check_size(img, str(path), size)
             images.append(img)
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64), size
@@ -139,19 +165,12 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 def _imagefolder(root: Path):
     root = root.expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"data path {root} does not exist")
-    train_files = _list_imagefolder(root / "train")
-    test_files = _list_imagefolder(root / "test")
-    if list(train_files) != list(test_files):
-        raise DataError(
-            f"class folders differ between {root / 'train'} and {root / 'test'}: "
-            f"{sorted(set(train_files) ^ set(test_files))}"
-        )
+    classes, files = list_tree(root)
+    train_files, test_files = files["train"], files["test"]
     # Cache key: every file's path, size and mtime, so any change re-decodes.
     digest = hashlib.sha256(str(root).encode())
-    for files in (train_files, test_files):
-        for paths in files.values():
+    for split_files in (train_files, test_files):
+        for paths in split_files.values():
             for p in paths:
                 st = p.stat()
                 digest.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -161,7 +180,7 @@ def _imagefolder(root: Path):
     if all((cache / f"{n}.npy").exists() for n in names):
         try:
             arrays = [np.load(cache / f"{n}.npy", allow_pickle=False) for n in names]
-            return (*arrays, tuple(train_files))
+            return (*arrays, classes)
         except (ValueError, OSError):
             pass  # a damaged cache is rebuilt below
     train_x, train_y, size = _decode_split(train_files, None)
@@ -172,7 +191,22 @@ def _imagefolder(root: Path):
             _atomic_save_npy(cache / f"{name}.npy", arr)
     except OSError:
         pass  # caching is an optimisation only
-    return train_x, train_y, test_x, test_y, tuple(train_files)
+    return train_x, train_y, test_x, test_y, classes
+
+
+def _jpegpack(path: Path):
+    """A JPEG pack (``kdcore.jpegpack``): decoded on every load, in parallel (no cache)."""
+    from .jpegpack import decode, read_pack
+
+    pack = read_pack(path)
+    out, size = [], None
+    for split in ("train", "test"):
+        order = pack.indices(split)
+        images = decode(pack, order, name=str(path))
+        for i, img in zip(order, images, strict=True):
+            size = check_size(img, f"#{i} of {path}", size)
+        out += [np.stack(images), pack.labels[order].astype(np.int64)]
+    return (*out, pack.classes)
 
 
 def _cifar10(root: str | None):
@@ -222,6 +256,10 @@ def _load_raw(spec: str):
         if not arg:
             raise DataError("imagefolder spec needs a path: imagefolder:PATH")
         return _imagefolder(Path(arg))
+    if kind == "jpegpack":
+        if not arg:
+            raise DataError("jpegpack spec needs a file: jpegpack:FILE (see `kdsearch pack`)")
+        return _jpegpack(Path(arg))
     if kind == "synthetic":
         try:
             per_class = int(arg) if arg else 100
@@ -230,7 +268,8 @@ def _load_raw(spec: str):
         if per_class < 2:
             raise DataError(f"synthetic spec needs at least 2 images per class, got {per_class}")
         return _synthetic(per_class)
-    raise DataError(f"unknown data spec {spec!r}: expected cifar10, imagefolder:PATH or synthetic")
+    raise DataError(f"unknown data spec {spec!r}: expected cifar10, imagefolder:PATH, "
+                    "jpegpack:FILE or synthetic")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def cache(tmp_path, monkeypatch):
 def test_imagefolder_loads_pixels_labels_and_uses_cache(tmp_path, cache, count_calls):
     root = tmp_path / "data"
     written = _make_folder(root)
-    calls = count_calls(kdata, "_decode_image")
+    calls = count_calls(kdata, "decode_image")
     d = load_data(f"imagefolder:{root}", val_size=2)
     assert calls["n"] == 12
     assert d.classes == ("ant", "bee")
@@ -332,3 +332,157 @@ def test_dataset_to_moves_every_tensor(synthetic):
     assert moved.fingerprint == synthetic.fingerprint
     for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
         assert torch.equal(getattr(moved, name), getattr(synthetic, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEG packs (kdsearch pack, --data jpegpack:FILE)
+
+
+def _make_jpeg_folder(root: Path, train_n=5, test_n=2, classes=("ant", "bee", "cat")) -> None:
+    """A tiny ImageFolder of JPEG files (lossy: only decoding the same bytes gives the same
+    pixels, which is what the pack must preserve)."""
+    seed = 0
+    for split, n in (("train", train_n), ("test", test_n)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(_pixels(seed, (8, 8))).save(root / split / cls / f"{i}.jpg",
+                                                            quality=75)
+                seed += 1
+
+
+def _same_dataset(a, b) -> None:
+    assert a.fingerprint == b.fingerprint
+    assert a.classes == b.classes and a.mean == b.mean and a.std == b.std
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_jpegpack_loads_the_trees_arrays_and_fingerprint(tmp_path, cache, capsys):
+    from search.cli import main
+
+    root = tmp_path / "tree"
+    _make_jpeg_folder(root)
+    pack = tmp_path / "packs" / "tiny.jpegpack"
+    assert main(["pack", str(root), "--out", str(pack)]) == 0
+    assert "21 images" in capsys.readouterr().out
+    tree = load_data(f"imagefolder:{root}", val_size=3)
+    packed = load_data(f"jpegpack:{pack}", val_size=3)
+    _same_dataset(tree, packed)
+    assert packed.spec == f"jpegpack:{pack}" and packed.test_y.tolist() == [0, 0, 1, 1, 2, 2]
+    # The file is a plain npz: the JPEG bytes are the files' bytes, in listing order.
+    from kdcore.jpegpack import read_pack
+
+    p = read_pack(pack)
+    first_test = p.indices("test")[0]
+    assert p.jpeg[p.offsets[first_test]:p.offsets[first_test + 1]].tobytes() == (
+        root / "test" / "ant" / "0.jpg").read_bytes()
+    assert p.classes == ("ant", "bee", "cat") and len(p) == 21
+    with np.load(pack, allow_pickle=False) as npz:  # loads without pickle
+        assert npz["split"].tolist() == [0] * 15 + [1] * 6
+
+
+def test_jpegpack_parallel_decode_equals_serial(tmp_path, cache, monkeypatch):
+    from kdcore import jpegpack
+
+    root = tmp_path / "tree"
+    _make_jpeg_folder(root, train_n=6, test_n=3)
+    pack = tmp_path / "t.jpegpack"
+    jpegpack.pack_imagefolder(root, pack)
+    p = jpegpack.read_pack(pack)
+    order = np.arange(len(p))[::-1]
+    serial = jpegpack.decode(p, order, workers=1)
+    monkeypatch.setattr(jpegpack, "POOL_MIN_IMAGES", 0)
+    assert jpegpack._pool_context() is not None  # Linux, CUDA not started: the forked pool
+    parallel = jpegpack.decode(p, order, workers=2)
+    assert len(parallel) == len(order) == 27
+    for a, b in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A damaged image inside a pack is named by its index, in the pool as in one process.
+    jpeg = p.jpeg.copy()
+    jpeg[p.offsets[4]:p.offsets[5]] = 0
+    bad = jpegpack.Pack(p.classes, jpeg, p.offsets, p.labels, p.split)
+    for workers in (1, 2):
+        with pytest.raises(DataError, match="#4 of"):
+            jpegpack.decode(bad, np.arange(len(p)), workers=workers)
+
+
+def test_jpegpack_of_real_cifar10_files_matches_tree(tmp_path, cache, shared_data_dir):
+    """Real CIFAR-10 JPEG bytes (10 train, 4 test per class, linked) pack and load alike."""
+    root = tmp_path / "tree"
+    for split, n in (("train", 10), ("test", 4)):
+        for cls_dir in sorted((shared_data_dir / split).iterdir()):
+            (root / split / cls_dir.name).mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:n]:
+                (root / split / cls_dir.name / f.name).symlink_to(f)
+    from kdcore.jpegpack import pack_imagefolder
+
+    images, size = pack_imagefolder(root, tmp_path / "c.jpegpack")
+    assert images == 140 and size > 140 * 500  # the JPEG bytes themselves, not pixels
+    tree = load_data(f"imagefolder:{root}", val_size=20)
+    packed = load_data(f"jpegpack:{tmp_path / 'c.jpegpack'}", val_size=20)
+    _same_dataset(tree, packed)
+    assert packed.train_x.shape[1:] == (32, 32, 3) and packed.classes == kdata.CIFAR10_CLASSES
+
+
+def _rewrite_npz(src: Path, dst: Path, **changes) -> None:
+    with np.load(src, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays.update(changes)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    with dst.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def test_jpegpack_rejects_damaged_and_foreign_files(tmp_path, cache):
+    root = tmp_path / "tree"
+    _make_jpeg_folder(root)
+    good = tmp_path / "good.jpegpack"
+    from kdcore.jpegpack import pack_imagefolder
+
+    pack_imagefolder(root, good)
+    raw = good.read_bytes()
+    cases = {}
+    flipped = bytearray(raw)
+    start = raw.find((root / "train" / "bee" / "0.jpg").read_bytes())
+    assert start > 0
+    flipped[start + 100] ^= 0xFF  # inside the JPEG bytes: zip's CRC-32 no longer matches
+    cases["flipped"] = bytes(flipped)
+    cases["truncated"] = raw[: len(raw) // 2]
+    cases["text"] = b"hello"
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    _rewrite_npz(good, tmp_path / "nomagic", magic=None)
+    _rewrite_npz(good, tmp_path / "pickled", classes=np.array([{"a": 1}], dtype=object))
+    _rewrite_npz(good, tmp_path / "offsets", offsets=np.zeros(22, dtype=np.int64))
+    _rewrite_npz(good, tmp_path / "version", version=np.array(2))
+    for name in (*cases, "nomagic", "pickled", "offsets", "version", "missing"):
+        with pytest.raises(DataError, match=name if name != "flipped" else "Bad CRC-32"):
+            load_data(f"jpegpack:{tmp_path / name}", val_size=3)
+    with pytest.raises(DataError, match="jpegpack:FILE"):
+        load_data("jpegpack:", val_size=3)
+
+
+@pytest.mark.parametrize("case", ["no-source", "corrupt-image", "size-mismatch", "out-is-dir"])
+def test_pack_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    from search.cli import main
+
+    root = tmp_path / "tree"
+    _make_jpeg_folder(root)
+    out = tmp_path / "packs" / "x.jpegpack"
+    if case == "no-source":
+        root = tmp_path / "nowhere"
+    elif case == "corrupt-image":
+        (root / "test" / "bee" / "9.jpg").write_bytes(b"not a jpeg")
+    elif case == "size-mismatch":
+        Image.fromarray(_pixels(1, (9, 8))).save(root / "train" / "cat" / "z.jpg")
+    else:
+        out.mkdir(parents=True)
+    assert main(["pack", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdsearch pack: error:")
+    expected = {"no-source": "does not exist", "corrupt-image": "9.jpg",
+                "size-mismatch": "z.jpg", "out-is-dir": "--out"}[case]
+    assert expected in err[0]
+    leftovers = [p for p in (tmp_path / "packs").rglob("*")] if out.parent.exists() else []
+    assert leftovers == ([out] if case == "out-is-dir" else [])
