@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -83,9 +84,18 @@ def trial_row(study: StudyConfig, group: str, trial: Any, status: str,
 
 
 def _error_text(trial: Any) -> str:
-    """The last line of the trial's error trace (Ray keeps the full trace in the trial dir)."""
+    """The last line of the trial's error trace (Ray keeps the full trace in the trial dir).
+
+    Tune writes ``error.txt`` into the trial's local staging folder and copies it to the
+    storage later; the local file is read first, so the text does not depend on that copy.
+    """
+    text = ""
     try:
-        text = trial.get_error() or ""
+        local = trial.error_file
+        if local and Path(local).is_file():
+            text = Path(local).read_text(errors="replace")
+        else:
+            text = str(trial.get_error() or "")
     except Exception:  # the error file may be gone or unreadable
         text = ""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
@@ -93,26 +103,30 @@ def _error_text(trial: Any) -> str:
 
 
 class SinkCallback(Callback):
-    """Writes one group's epoch and trial rows through a ``ParquetSink`` on the driver."""
+    """Writes the epoch and trial rows of every group of a study through a ``ParquetSink``.
 
-    def __init__(self, study: StudyConfig, group: str, sink: ParquetSink):
+    Runs on the driver; a trial's group is its Tune config's ``group``.
+    """
+
+    def __init__(self, study: StudyConfig, sink: ParquetSink):
         self.study = study
-        self.group = group
         self.sink = sink
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         if "epoch" not in result or result.get("diverged") or result.get("replayed"):
             return
-        row = epoch_row(self.study.study, self.group, str(trial.trial_id), result)
-        self.sink.append("epochs", self.group, [row])
+        group = trial.config["group"]
+        row = epoch_row(self.study.study, group, str(trial.trial_id), result)
+        self.sink.append("epochs", group, [row])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = classify(trial.last_result or {}, self.study.max_epochs)
         error = "" if status != "failed" else "trial ended without reporting a result"
-        self.sink.append("trials", self.group,
-                         [trial_row(self.study, self.group, trial, status, error)])
+        group = trial.config["group"]
+        self.sink.append("trials", group, [trial_row(self.study, group, trial, status, error)])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = trial_row(self.study, self.group, trial, "failed", _error_text(trial))
-        self.sink.append("trials", self.group, [row])
+        group = trial.config["group"]
+        row = trial_row(self.study, group, trial, "failed", _error_text(trial))
+        self.sink.append("trials", group, [row])

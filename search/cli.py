@@ -15,6 +15,20 @@ import sys
 GROUP_CHOICES = ("baseline", "kd", "fa", "at", "combined")
 
 
+class Default(str):
+    """The value of a flag that was not given: ``$ENV`` when set, else the built-in default.
+
+    Study commands tell it apart from a given flag, so that a config file beats the
+    environment variable (flag > config file > environment variable > preset).
+    """
+
+    is_default = True
+
+
+def _default(variable: str, fallback: str) -> Default:
+    return Default(os.environ.get(variable) or fallback)
+
+
 class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit status 2."""
 
@@ -29,14 +43,14 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser, storage: bool = True) -> None:
     p.add_argument(
         "--data",
-        default=os.environ.get("KDSEARCH_DATA", "cifar10"),
-        help="data spec: cifar10[:ROOT], imagefolder:PATH or synthetic[:N] "
+        default=_default("KDSEARCH_DATA", "cifar10"),
+        help="data spec: cifar10[:ROOT], imagefolder:PATH, jpegpack:FILE or synthetic[:N] "
         "(default: $KDSEARCH_DATA or cifar10)",
     )
     if storage:
         p.add_argument(
             "--storage",
-            default=os.environ.get("KDSEARCH_STORAGE", "./kdsearch-results"),
+            default=_default("KDSEARCH_STORAGE", "./kdsearch-results"),
             help="results root: a local path or a pyarrow filesystem URI "
             "(default: $KDSEARCH_STORAGE or ./kdsearch-results)",
         )
@@ -103,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", choices=(*GROUP_CHOICES, "all"), default=None)
     p.add_argument("--samples", type=int, default=None, help="trials per group")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna RDB storage URL, e.g. postgresql://... (default: SQLite "
+                   "<storage>/<study>/optuna.db)")
 
     p = sub.add_parser("reproduce", help="train each group's best config with N seeds, test it")
     _common(p)
@@ -125,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(p)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna RDB storage URL (default: SQLite <storage>/<study>/optuna.db)")
 
     p = sub.add_parser(
         "bench", help="images/s of one training step per group, device vs DataLoader feed"
@@ -162,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=int, default=2, help="--scheduler: ASHA grace period")
     p.add_argument("--reduction-factor", type=float, default=2.0,
                    help="--scheduler: ASHA reduction factor")
+    p.add_argument("--simulate", action="store_true",
+                   help="--scheduler: a discrete-event simulation instead of Ray (any --slots)")
     p.add_argument("--storage", default=None,
                    help="--scheduler/--tables: where the benchmark study is written "
                    "(default: a temporary folder)")
@@ -169,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", type=int, default=None, metavar="N",
                    help="benchmark loading/analysing a synthetic study of N trials per group")
 
-    p = sub.add_parser("compact", help="merge a study's part files into one file per table and group")
+    p = sub.add_parser("compact",
+                       help="merge a study's part files into one file per table and group")
     _common(p)
+    p.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
+                   help="merge only part files older than this (default 60: a search may "
+                   "still be writing)")
 
     p = sub.add_parser("pack", help="pack an ImageFolder tree into one file (--data jpegpack:FILE)")
     p.add_argument("source", help="ImageFolder root with train/ and test/")
@@ -208,7 +233,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cmd_reproduce(args)
     if args.command == "analyze":
-        from .pipeline import cmd_analyze
+        from .analyze import cmd_analyze
 
         return cmd_analyze(args)
     if args.command == "run":

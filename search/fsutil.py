@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: object) -> str:
+    """A study name is one path component: letters, digits, ``._-``; no ``..``, no slashes."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"study: {name!r} is not a valid study name (letters, digits, '._-', "
+                         "one path component, not starting with '.' or containing '..')")
+    return name
 
 
 def is_uri(location: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from analysis.stats import best_configs
@@ -25,6 +26,7 @@ from .sink import CFG, ParquetSink, read_table
 from .study import (
     StudyConfig,
     config_from_study_json,
+    environment_settings,
     group_params,
     load_study_config,
     overrides_from_args,
@@ -38,7 +40,7 @@ RAY_DIR = "ray"
 def planned_runs(config: StudyConfig, groups: tuple[str, ...]) -> list[dict[str, Any]]:
     """One entry per (group, seed) still missing from the ``runs`` table."""
     trials = read_table(config.study_dir, "trials")
-    best = best_configs(trials) if len(trials) else trials
+    best = best_configs(trials, config.max_epochs) if len(trials) else trials
     done = read_table(config.study_dir, "runs")
     done_keys = set(zip(done["group"], done["seed"], strict=True)) if len(done) else set()
     runs = []
@@ -61,19 +63,28 @@ def planned_runs(config: StudyConfig, groups: tuple[str, ...]) -> list[dict[str,
     return runs
 
 
-def reproduce_trial(
-    run: dict[str, Any], study: StudyConfig, data, teacher_state: dict | None = None
+RUN_COLUMNS = ("group", "seed", "source_trial_id", "test_acc", "test_loss", "corrupt_acc_mean",
+               "params", "latency_ms_bs1", "images_per_s_bs256", "best_val_acc", "best_epoch",
+               "epochs_run", "train_seconds", "node", *CFG)
+
+
+def evaluate_run(
+    run: dict[str, Any], study: StudyConfig, data, teacher_state: dict | None = None,
+    report: Callable[[dict, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one (group, seed) run and evaluate it; returns the result Ray records."""
-    import ray
+    """Train one (group, seed) run and evaluate it, without Ray; ``node`` is left to the caller.
+
+    Returns the flat result ``write_run`` turns into rows (robustness as a JSON string);
+    ``report`` is handed to ``fit`` (called after every epoch).
+    """
     import torch
 
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
     trial = trial_settings(study, run)
     teacher = _teacher(study, trial, teacher_state, data.num_classes)
     t0 = time.monotonic()
-    result = fit(trial, data, teacher)
-    evaluation = evaluate_student(result.student, data, study.device)
+    result = fit(trial, data, teacher, report=report)
+    evaluation = evaluate_student(result.student, data, study.device, precision=study.precision)
     return {
         "group": trial.group,
         "seed": trial.seed,
@@ -84,9 +95,30 @@ def reproduce_trial(
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "train_seconds": time.monotonic() - t0,
-        "node": ray.util.get_node_ip_address(),
         "robustness_json": json.dumps(evaluation["robustness"]),
     }
+
+
+def reproduce_trial(
+    run: dict[str, Any], study: StudyConfig, data, teacher_state: dict | None = None
+) -> dict[str, Any]:
+    """``evaluate_run`` inside a Ray Tune trial: the result Ray records, with its node."""
+    import ray
+
+    result = evaluate_run(run, study, data, teacher_state)
+    return {**result, "node": ray.util.get_node_ip_address()}
+
+
+def write_run(sink: ParquetSink, study: str, result: dict[str, Any]) -> None:
+    """Write one finished run's ``runs`` row and its ``robustness`` rows (on the driver)."""
+    now = time.time()
+    row = {k: result[k] for k in RUN_COLUMNS}
+    sink.append("runs", row["group"], [{**row, "study": study, "timestamp": now}])
+    robustness = [
+        {"study": study, "group": row["group"], "seed": row["seed"], **r, "timestamp": now}
+        for r in json.loads(result["robustness_json"])
+    ]
+    sink.append("robustness", row["group"], robustness)
 
 
 def _callback(config: StudyConfig):
@@ -99,43 +131,8 @@ def _callback(config: StudyConfig):
             self.sink = ParquetSink(config.study_dir)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "test_acc" not in result:
-                return
-            now = time.time()
-            row = {
-                k: result[k]
-                for k in (
-                    "group",
-                    "seed",
-                    "source_trial_id",
-                    "test_acc",
-                    "test_loss",
-                    "corrupt_acc_mean",
-                    "params",
-                    "latency_ms_bs1",
-                    "images_per_s_bs256",
-                    "best_val_acc",
-                    "best_epoch",
-                    "epochs_run",
-                    "train_seconds",
-                    "node",
-                    *CFG,
-                )
-            }
-            self.sink.append(
-                "runs", row["group"], [{**row, "study": config.study, "timestamp": now}]
-            )
-            robustness = [
-                {
-                    "study": config.study,
-                    "group": row["group"],
-                    "seed": row["seed"],
-                    **r,
-                    "timestamp": now,
-                }
-                for r in json.loads(result["robustness_json"])
-            ]
-            self.sink.append("robustness", row["group"], robustness)
+            if "test_acc" in result:
+                write_run(self.sink, config.study, result)
 
     return RunsSink()
 
@@ -159,7 +156,7 @@ def run_reproduce(
     if not runs:
         return 0
     data = config.load_data()
-    teacher_state, _ = prepare_teacher(config, data)  # a bad teacher file fails before Ray starts
+    teacher_state, _ = prepare_teacher(config, data, address)  # a bad file: refused before Ray
     init_ray(config, address)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, study=config, data=data, teacher_state=teacher_state),
@@ -174,10 +171,16 @@ def run_reproduce(
             storage_path=f"{config.study_dir}/{RAY_DIR}",
             failure_config=tune.FailureConfig(max_failures=2),
             callbacks=[_callback(config)],
+            progress_reporter=tune.CLIReporter(
+                metric_columns={"test_acc": "test_acc"}, max_report_frequency=30,
+                max_progress_rows=10),
             verbose=1,
         ),
     )
     results = tuner.fit()
+    from .compact import compact_groups  # the runs are written: one file per table and group
+
+    compact_groups(config.study_dir, groups, ("runs", "robustness"))
     if results.num_errors:
         raise ValueError(
             f"reproduce: {results.num_errors} of {len(runs)} runs failed; "
@@ -196,7 +199,8 @@ def resolve_study(args) -> StudyConfig:
     """The study's stored config (``study.json``) with runtime flags applied, else a new one."""
     overrides = overrides_from_args(args)
     base = load_study_config(
-        getattr(args, "preset", None), getattr(args, "config", None), overrides
+        getattr(args, "preset", None), getattr(args, "config", None), overrides,
+        environment_settings(),
     )
     fsutil.check_storage(base.storage)
     stored = read_study_json(base.storage, base.study)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,9 @@ from kdcore.models import ARCHITECTURES
 from kdcore.teacher import TeacherConfig
 
 from . import fsutil
+from .fsutil import check_study_name
 
 PARAMS = ("T", "w_ce", "w_kl", "w_at", "w_fa", "mask_pct")
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEACHER_FIELDS = ("arch", "width", "cbam", "epochs", "batch_size", "lr", "lr_schedule",
                   "patience", "seed")
 
@@ -65,14 +64,6 @@ def group_params(group: str) -> tuple[str, ...]:
     return tuple(params)
 
 
-def check_study_name(name: object) -> str:
-    """A study name is one path component: letters, digits, ``._-``; no ``..``, no slashes."""
-    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or ".." in name:
-        raise ValueError(f"study: {name!r} is not a valid study name (letters, digits, '._-', "
-                         "one path component, not starting with '.' or containing '..')")
-    return name
-
-
 @dataclass(frozen=True)
 class StudyConfig:
     """One study: data, storage, groups, search budget, ASHA, models, optimizer, space, resources.
@@ -111,7 +102,7 @@ class StudyConfig:
     space: dict[str, ParamRange] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    max_concurrent: int = 4
+    max_concurrent: int | None = None  # trials running at once; None: every slot
     device: str = "cpu"
     seeds: int = 5
 
@@ -119,8 +110,9 @@ class StudyConfig:
         set_ = object.__setattr__
         set_(self, "groups", tuple(self.groups))
         set_(self, "stages", tuple(self.stages))
-        # The teacher shares the study's stem and trains on the study's device.
-        set_(self, "teacher", dataclasses.replace(self.teacher, stem=self.stem, device=self.device))
+        # The teacher shares the study's stem and trains on the study's device and precision.
+        set_(self, "teacher", dataclasses.replace(self.teacher, stem=self.stem, device=self.device,
+                                                  precision=self.precision))
         _validate(self)
 
     # -- building trials ---------------------------------------------------------------------
@@ -276,9 +268,11 @@ def _validate(c: StudyConfig) -> None:
     _check(len(c.groups) > 0 and all(g in GROUPS for g in c.groups)
            and len(set(c.groups)) == len(c.groups), "groups",
            f"must be distinct names among {list(GROUPS)}, got {list(c.groups)}")
-    for name in ("samples", "max_epochs", "grace_period", "max_concurrent", "seeds", "batch_size"):
+    for name in ("samples", "max_epochs", "grace_period", "seeds", "batch_size"):
         v = getattr(c, name)
         _check(_is_int(v) and v > 0, name, f"must be an integer > 0, got {v!r}")
+    _check(c.max_concurrent is None or (_is_int(c.max_concurrent) and c.max_concurrent > 0),
+           "max_concurrent", f"must be an integer > 0, got {c.max_concurrent!r}")
     for name in ("val_size", "seed"):
         v = getattr(c, name)
         _check(_is_int(v) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
@@ -328,7 +322,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
         "batch_size": 64, "lr": 0.05, "patience": 0, "val_size": 200,
         "train_per_class": 100, "test_per_class": 50, "cpus_per_trial": 1.0,
-        "gpus_per_trial": 0.0, "max_concurrent": 2, "device": "cpu", "seeds": 2,
+        "gpus_per_trial": 0.0, "device": "cpu", "seeds": 2,
+    },
+    # Real CIFAR-10 on a 2-core CPU (bf16) in at most 90 minutes, whole pipeline; sized by
+    # measurement in docs/SEARCH.md ("The laptop preset"). A ResNet-50 teacher without CBAM
+    # (CBAM costs 2-4x its forward on CPU) trained 45 epochs vs students trained 8.
+    "laptop": {
+        "study": "laptop", "samples": 8, "max_epochs": 8, "grace_period": 2,
+        "reduction_factor": 2.0, "student": "resnet18", "student_width": 0.25,
+        "teacher": {"arch": "resnet50", "width": 0.25, "cbam": False, "epochs": 45,
+                    "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
+        "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine", "patience": 0,
+        "precision": "auto", "val_size": 1000, "train_per_class": 500, "test_per_class": 300,
+        "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "device": "cpu", "seeds": 5,
     },
     # The paper's protocol (DESIGN.md) on full CIFAR-10, for GPUs and clusters.
     "paper": {
@@ -338,7 +344,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
         "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
         "lr_schedule": "constant", "patience": 5, "val_size": 5000,
-        "cpus_per_trial": 2.0, "gpus_per_trial": 1.0, "max_concurrent": 8,
+        "cpus_per_trial": 2.0, "gpus_per_trial": 1.0,
         "device": "cuda", "seeds": 5,
     },
 }
@@ -391,17 +397,34 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+ENVIRONMENT = {"data": "KDSEARCH_DATA", "storage": "KDSEARCH_STORAGE"}
+
+
+def environment_settings(environ: Any = None) -> dict[str, str]:
+    """The study settings that environment variables give (``KDSEARCH_DATA``, ``…_STORAGE``)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    return {key: environ[var] for key, var in ENVIRONMENT.items() if environ.get(var)}
+
+
 def load_study_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> StudyConfig:
-    """Preset -> file -> overrides (``None`` values ignored), validated."""
+    """Preset -> environment -> file -> overrides (``None`` values ignored), validated.
+
+    That is: a flag beats a config file, which beats an environment variable
+    (``environment_settings()``), which beats the preset.
+    """
     raw: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset: unknown {preset!r}, expected one of {list(PRESETS)}")
         raw = _merge(raw, PRESETS[preset])
+    raw = _merge(raw, environment or {})
     if config_file is not None:
         raw = _merge(raw, read_config_file(config_file))
     raw = _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
@@ -411,17 +434,15 @@ def load_study_config(
 def overrides_from_args(args: Any) -> dict[str, Any]:
     """The study settings given on the command line (``None`` where a flag was not given).
 
-    ``--data`` and ``--storage`` always carry a value (their defaults); a default that no
-    environment variable set does not override a preset or config file.
+    ``--data`` and ``--storage`` always carry a value; one that was not given on the command
+    line (the CLI marks it ``is_default``) is left to the config file, the environment
+    (``environment_settings``) and the preset.
     """
-    import os
+    def get(name: str) -> Any:
+        value = getattr(args, name, None)
+        return None if getattr(value, "is_default", False) else value
 
-    get = lambda name: getattr(args, name, None)  # noqa: E731
     data, storage = get("data"), get("storage")
-    if data == "cifar10" and "KDSEARCH_DATA" not in os.environ:
-        data = None
-    if storage == "./kdsearch-results" and "KDSEARCH_STORAGE" not in os.environ:
-        storage = None
     return {
         "study": get("study"), "data": data, "storage": storage, "max_epochs": get("epochs"),
         "groups": get("group"), "samples": get("samples"), "seeds": get("seeds"),

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,9 @@ import torch
 from kdcore.config import TrialConfig
 from kdcore.data import Dataset
 from kdcore.teacher import build_teacher
-from kdcore.train import DivergedError, fit
+from kdcore.train import DivergedError, best_epoch_of, fit
 
+from .simulated import simulated_fit
 from .study import PARAMS, StudyConfig
 
 STATE_FILE = "state.pt"
@@ -45,10 +49,10 @@ def trial_settings(study: StudyConfig, config: dict[str, Any]) -> TrialConfig:
 
 
 def best_of(history: list[dict]) -> tuple[float, int]:
-    """(highest val_acc, its epoch) over fit's history; (NaN, 0) when empty."""
-    if not history:
+    """(val_acc, epoch) of fit's best epoch (``kdcore.train.best_epoch_of``); (NaN, 0) if none."""
+    best = best_epoch_of(history)
+    if best is None:
         return math.nan, 0
-    best = max(history, key=lambda m: m["val_acc"])
     return float(best["val_acc"]), int(best["epoch"])
 
 
@@ -74,24 +78,82 @@ def _teacher(study: StudyConfig, config: TrialConfig, state: dict | None, num_cl
     return model.eval().requires_grad_(False)
 
 
-def train_trial(
-    config: dict[str, Any],
-    study: StudyConfig,
-    data: Dataset,
-    teacher_state: dict | None = None,
-) -> None:
-    """Run one trial (``study``, ``data``, ``teacher_state`` come via ``with_parameters``)."""
+@dataclass(frozen=True)
+class SharedInputs:
+    """What every trial of a study shares, as refs into Ray's object store.
+
+    A worker process fetches each ref once (``fetch_shared``) and keeps the result for every
+    later trial it runs (Tune reuses the process), so the dataset and the teacher reach a
+    worker once, not once per trial. ``simulate`` (seconds per epoch) replaces training by a
+    sleeping stand-in with a synthetic learning curve (``kdsearch bench --scheduler``).
+    """
+
+    data: Any  # ObjectRef of a kdcore Dataset
+    teacher_state: Any = None  # ObjectRef of the teacher's state_dict, or None
+    simulate: float | None = None
+
+
+# Per worker process: the key (ref ids) of the inputs held, the dataset, the built teacher,
+# and how many trials this process has run with them.
+_FETCHED: dict[str, Any] = {}
+
+
+def fetch_shared(inputs: SharedInputs, study: StudyConfig,
+                 ) -> tuple[Dataset, torch.nn.Module | None]:
+    """(dataset, frozen teacher or None) of ``inputs``, fetched once per worker process."""
+    import ray
+
+    key = (inputs.data.hex(), inputs.teacher_state.hex() if inputs.teacher_state else "")
+    if _FETCHED.get("key") != key:
+        _FETCHED.clear()  # another study's inputs: drop the old ones
+        data = ray.get(inputs.data)
+        teacher = None
+        if inputs.teacher_state is not None:
+            teacher = build_teacher(study.teacher, data.num_classes)
+            teacher.load_state_dict(ray.get(inputs.teacher_state))
+            teacher = teacher.eval().requires_grad_(False)
+        _FETCHED.update(key=key, data=data, teacher=teacher, fetches=0)
+    _FETCHED["fetches"] += 1
+    return _FETCHED["data"], _FETCHED["teacher"]
+
+
+def _quiet_normal_stop() -> None:
+    """Do not print a trace when Ray stops this worker process normally.
+
+    Tune ends an idle worker with SIGTERM; Ray's handler raises ``SystemExit``, and when that
+    lands inside a weakref callback Python prints it as an "Exception ignored" trace. Only
+    that case is dropped; every other unraisable exception is still printed.
+    """
+    if getattr(sys.unraisablehook, "kdsearch", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    hook.kdsearch = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def train_trial(config: dict[str, Any], study: StudyConfig, inputs: SharedInputs) -> None:
+    """Run one trial (``study`` and ``inputs`` come via ``tune.with_parameters``)."""
     import ray
     from ray import tune
+
+    _quiet_normal_stop()
 
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial = trial_settings(study, config)
-    teacher = _teacher(study, trial, teacher_state, data.num_classes)
+    data, teacher = fetch_shared(inputs, study)
+    if trial.needs_teacher and teacher is None and not inputs.simulate:
+        raise ValueError(f"teacher: group {trial.group!r} needs a teacher, none was given")
+    teacher = teacher if trial.needs_teacher else None
     state, attempt, wall_before = _restore()
     start = time.monotonic()
     static = {"attempt": attempt, "node": ray.util.get_node_ip_address(), "seed": trial.seed,
-              **cfg_columns(trial)}
+              "pid": os.getpid(), "process_trials": _FETCHED["fetches"], **cfg_columns(trial)}
     last: dict[str, Any] = {"history": state["history"] if state else []}
 
     def summary(history: list[dict], epochs_run: int) -> dict[str, Any]:
@@ -109,7 +171,10 @@ def train_trial(
         last["reported"] = True
 
     try:
-        fit(trial, data, teacher, report=report, checkpoint=state)
+        if inputs.simulate:
+            simulated_fit(trial, inputs.simulate, report=report, checkpoint=state)
+        else:
+            fit(trial, data, teacher, report=report, checkpoint=state)
     except DivergedError as exc:
         history = last["history"]
         tune.report({**summary(history, len(history)), "epoch": exc.epoch, "val_acc": 0.0,

@@ -1,19 +1,25 @@
-"""``kdsearch tune``: one Ray Tune ``Tuner`` per group (OptunaSearch TPE + ASHA).
+"""``kdsearch tune``: every group of a study searched at once in one Ray Tune experiment.
 
-The dataset and the teacher's weights go into Ray's object store once
-(``tune.with_parameters``); every trial reports each epoch with a checkpoint; the driver's
-``SinkCallback`` writes the ``epochs`` and ``trials`` tables. ``--resume`` restores each
-unfinished group's experiment with ``Tuner.restore`` and skips finished groups.
+One ``Tuner`` runs all groups: ``GroupSearcher`` (one Optuna TPE study per group, in an RDB
+storage) proposes the trials, ``GroupASHA`` (one ASHA per group) stops weak ones, and a
+``ConcurrencyLimiter`` keeps the number of live trials at the study's slots plus a few
+queued ones, so a finished trial's worker process is handed to a queued trial instead of a
+new process being started (``reuse_actors=True``). The dataset and the teacher's weights go
+into Ray's object store once and are fetched once per worker process
+(``trainable.SharedInputs``). The teacher trains as a Ray task with a trial's resources
+(``teacher_task``). The driver's ``SinkCallback`` writes the ``epochs`` and ``trials``
+tables; ``--resume`` restores the experiment with ``Tuner.restore``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
 import time
-import warnings
+from pathlib import Path
 from typing import Any
 
 from kdcore.config import GROUP_TERMS
@@ -24,6 +30,7 @@ from .study import (
     RUNTIME_FIELDS,
     StudyConfig,
     config_from_study_json,
+    environment_settings,
     load_study_config,
     overrides_from_args,
     read_study_json,
@@ -31,6 +38,7 @@ from .study import (
 )
 
 RAY_DIR = "ray"
+EXPERIMENT = "search"  # <study>/ray/search: the Tune experiment of all groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,13 +60,18 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def quiet_ray() -> None:
-    """Ray's legacy status table (``make_reporter``) instead of a result dump per trial."""
+    """Our own progress view instead of Ray's result dumps; no per-trial warnings."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def init_ray(config: StudyConfig, address: str | None = None) -> None:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start Ray on this machine."""
+def init_ray(config: StudyConfig, address: str | None = None, num_cpus: int | None = None
+             ) -> None:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a private Ray here.
+
+    ``num_cpus`` sets the logical CPU slots of a private instance (default: this machine's
+    cores; ``kdsearch bench --scheduler`` simulates more).
+    """
     import ray
 
     if ray.is_initialized():
@@ -73,38 +86,99 @@ def init_ray(config: StudyConfig, address: str | None = None) -> None:
             raise ValueError(f"address: cannot join Ray at {address}: {first}") from None
         return
     # address="local": never join a cluster that someone else started with `ray start`.
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             dashboard_host="127.0.0.1", logging_level="warning")
+    # Token authentication stays on (Ray's default for a new local instance); only Ray's
+    # warning that it turned that default on is kept off the console.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 dashboard_host="127.0.0.1", logging_level="warning")
+    finally:
+        notice.setLevel(level)
+
+
+def cluster_slots(config: StudyConfig) -> int:
+    """How many trials the cluster can run at once with the study's per-trial resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    slots = math.floor(cpus / config.cpus_per_trial + 1e-9)
+    if config.gpus_per_trial > 0:
+        slots = min(slots, math.floor(gpus / config.gpus_per_trial + 1e-9))
+    if slots < 1:
+        raise ValueError(f"resources: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, not "
+                         f"enough for one trial ({config.cpus_per_trial:g} CPUs, "
+                         f"{config.gpus_per_trial:g} GPUs)")
+    return slots
+
+
+def live_trials(config: StudyConfig, slots: int) -> tuple[int, int]:
+    """(trials running at most, trials alive at most: running plus queued).
+
+    With every slot in use, a few trials wait in the queue: when a trial ends, Tune hands its
+    worker process to a queued trial rather than stopping it and starting a new one.
+    """
+    running = min(config.max_concurrent or slots, slots)
+    queued = max(1, running // 4) if running >= slots else 0
+    return running, running + queued
+
+
+def optuna_storage_url(config: StudyConfig, url: str | None = None) -> str:
+    """``url``, else SQLite at ``<study>/optuna.db`` (URI storage: a local cache file)."""
+    if url:
+        return url
+    if fsutil.is_uri(config.storage):
+        from kdcore.data import _cache_dir
+
+        path = _cache_dir() / "optuna" / f"{config.study}.db"
+    else:
+        path = Path(config.study_dir) / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
 
 
 # ---------------------------------------------------------------------------------------------
-# Search pieces
+# The teacher
 
 
-def make_searcher(config: StudyConfig, group: str):
-    """OptunaSearch (multivariate TPE, seeded) over the group's parameters, concurrency-limited."""
-    import optuna
-    from optuna.distributions import FloatDistribution
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    space = {p: FloatDistribution(r.low, r.high, log=r.log, step=r.step)
-             for p, r in config.group_space(group).items()}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True,
-                                             seed=config.seed)
-    search = OptunaSearch(space=space, metric="val_acc", mode="max", sampler=sampler)
-    return ConcurrencyLimiter(search, max_concurrent=config.max_concurrent)
+def needs_teacher(config: StudyConfig) -> bool:
+    return any(t != "ce" for g in config.groups for t in GROUP_TERMS[g])
 
 
-def make_scheduler(config: StudyConfig):
-    from ray.tune.schedulers import ASHAScheduler
+def prepare_teacher(config: StudyConfig, data, address: str | None = None,
+                    cached: tuple[dict, dict] | None = None) -> tuple[dict | None, dict]:
+    """The study's teacher ``(state_dict, metadata)``: from storage, else trained on the cluster.
 
-    return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
-                         max_t=config.max_epochs, grace_period=config.grace_period,
-                         reduction_factor=config.reduction_factor)
+    Loading happens before Ray starts (a bad file is refused in one line); training is a Ray
+    task with a trial's resources (``teacher_task``), started here if needed.
+    """
+    if not needs_teacher(config):
+        return None, {}
+    from .teacher_task import describe, load_cached, train_on_cluster
+
+    cached = cached or load_cached(config, data)
+    if cached is None:
+        import ray
+
+        quiet_ray()
+        init_ray(config, address)
+        cluster_slots(config)  # refuses a cluster that cannot run the task at all
+        t0 = time.monotonic()
+        info = train_on_cluster(config, ray.put(data))
+        cached = load_cached(config, data)
+        where = (f"trained on {info['node']} in {time.monotonic() - t0:.0f}s" if info["trained"]
+                 else "trained meanwhile by another study")
+        print(describe(cached[1], where), flush=True)
+    else:
+        print(describe(cached[1], "from storage"), flush=True)
+    state, meta = cached
+    return state, {"teacher_hash": meta.get("hash"), "teacher_val_acc": meta.get("val_acc")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
 
 
 def trial_dirname(trial) -> str:
@@ -112,123 +186,85 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def make_reporter(config: StudyConfig, group: str):
-    """A compact status table: parameters, epoch, val_acc, best val_acc; every 30 s at most."""
-    from ray.tune import CLIReporter
-
-    return CLIReporter(
-        parameter_columns=list(config.group_space(group)) or ["seed"],
-        metric_columns={"epoch": "epoch", "val_acc": "val_acc", "best_val_acc": "best"},
-        max_report_frequency=30, max_progress_rows=12, metric="val_acc", mode="max",
-        sort_by_metric=True,
-    )
-
-
-def make_tuner(config: StudyConfig, group: str, trainable, sink: ParquetSink):
-    """A fresh ``Tuner`` for one group. The baseline has nothing to tune: it runs ``samples``
-    seeds at the default settings, without a searcher and without ASHA."""
+def make_tuner(config: StudyConfig, trainable, slots: int, optuna_url: str,
+               sink: ParquetSink):
+    """One ``Tuner`` for every group of ``config`` (see the module docstring)."""
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     from .callback import SinkCallback
+    from .progress import StudyProgress
+    from .scheduler import GroupASHA
+    from .searcher import GroupSearcher
 
-    run_config = tune.RunConfig(
-        name=group,
-        storage_path=fsutil.join(config.study_dir, RAY_DIR),
-        failure_config=tune.FailureConfig(max_failures=2),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[SinkCallback(config, group, sink)],
-        progress_reporter=make_reporter(config, group),
-        verbose=1,
-    )
-    if group == "baseline":
-        seeds = list(range(config.seed, config.seed + config.samples))
-        return tune.Tuner(
-            trainable, param_space={"group": group, "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=config.max_concurrent,
-                                        trial_dirname_creator=trial_dirname, reuse_actors=True),
-            run_config=run_config,
-        )
+    _, alive = live_trials(config, slots)
+    searcher = ConcurrencyLimiter(GroupSearcher(config, optuna_url), max_concurrent=alive)
     return tune.Tuner(
-        trainable, param_space={"group": group},
-        tune_config=tune.TuneConfig(search_alg=make_searcher(config, group),
-                                    scheduler=make_scheduler(config), num_samples=config.samples,
-                                    trial_dirname_creator=trial_dirname, reuse_actors=True),
-        run_config=run_config,
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=GroupASHA(config),
+            num_samples=config.samples * len(config.groups),
+            trial_dirname_creator=trial_dirname, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=fsutil.join(config.study_dir, RAY_DIR),
+            failure_config=tune.FailureConfig(max_failures=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[SinkCallback(config, sink)],
+            progress_reporter=StudyProgress(config, slots),
+            verbose=1,
+        ),
     )
 
 
-def prepare_teacher(config: StudyConfig, data) -> tuple[dict | None, dict]:
-    """Train or load the study's teacher once, on the driver; (state_dict, metadata)."""
-    if not any(t != "ce" for g in config.groups for t in GROUP_TERMS[g]):
-        return None, {}
-    from kdcore.teacher import get_teacher
-
-    def progress(metrics: dict, state: dict) -> None:
-        print(f"teacher epoch {metrics['epoch']}/{config.teacher.epochs}: "
-              f"val_acc {metrics['val_acc']:.4f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
-
-    import torch
-
-    cached = (config.teacher_cache / f"teacher-{config.teacher.content_hash(data)}.pt").exists()
-    if not cached and config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: the teacher trains on this machine (the driver), which has no "
-                         f"CUDA; run the driver on a GPU node or copy a trained teacher into "
-                         f"{config.teacher_cache}")
-    # As many threads as a trial gets: on a shared CPU more threads than free cores make
-    # OpenMP spin and can be 10x slower (measured on 2 busy cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config.cpus_per_trial)))
-    t0 = time.monotonic()
-    try:
-        model, digest, meta = get_teacher(config.teacher, data, config.teacher_cache,
-                                          report=progress)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"teacher {digest}: val_acc {meta.get('val_acc', math.nan):.4f} "
-          f"({time.monotonic() - t0:.1f}s, cache {config.teacher_cache})", flush=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return state, {"teacher_hash": digest, "teacher_val_acc": meta.get("val_acc")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a study
-
-
-def _done_marker(config: StudyConfig, group: str) -> str:
-    return fsutil.join(config.study_dir, RAY_DIR, f"{group}.done.json")
+def _done_marker(config: StudyConfig) -> str:
+    return fsutil.join(config.study_dir, RAY_DIR, f"{EXPERIMENT}.done.json")
 
 
 def has_search_results(config: StudyConfig) -> bool:
-    """Whether the study already holds Tune experiments or search rows."""
+    """Whether the study already holds a Tune experiment or search rows."""
     if fsutil.exists(fsutil.join(config.study_dir, RAY_DIR)):
         return True
     return any(part_files(config.study_dir, t)[2] for t in ("epochs", "trials"))
 
 
 def check_resumable(config: StudyConfig, stored: dict[str, Any]) -> None:
-    """A resumed study keeps its stored settings (resources, device and groups may change)."""
+    """A resumed study keeps its stored settings (resources and device may change)."""
     saved = config_from_study_json(stored).to_dict()
     for key, value in config.to_dict().items():
-        if key in RUNTIME_FIELDS or key == "groups":
+        if key in RUNTIME_FIELDS:
             continue
         if json.dumps(value, sort_keys=True) != json.dumps(saved.get(key), sort_keys=True):
             raise ValueError(f"{key}: {value!r} differs from the resumed study's "
                              f"{saved.get(key)!r} (a study keeps its settings)")
 
 
-def run_group(config: StudyConfig, group: str, trainable, resume: bool) -> bool:
-    """Run (or continue) one group's search; True when every trial has finished."""
+def _forget_unsaved_search(config: StudyConfig, sink: ParquetSink, optuna_url: str) -> None:
+    """Drop rows and Optuna studies of a search whose Tune state was never saved."""
+    import optuna
+
+    for group in config.groups:
+        for table in ("epochs", "trials"):
+            sink.drop_group(table, group)
+        try:
+            optuna.delete_study(study_name=group, storage=optuna_url)
+        except KeyError:
+            pass
+
+
+def run_search(config: StudyConfig, trainable, resume: bool, slots: int, optuna_url: str):
+    """Run (or continue) the study's search; returns Tune's ``ResultGrid`` (None if done)."""
     from ray import tune
 
     from .callback import SinkCallback
 
     sink = ParquetSink(config.study_dir)
-    exp_path = fsutil.join(config.study_dir, RAY_DIR, group)
-    if fsutil.exists(_done_marker(config, group)):
-        print(f"[{group}] already finished: skipped", flush=True)
-        return True
+    exp_path = fsutil.join(config.study_dir, RAY_DIR, EXPERIMENT)
+    if fsutil.exists(_done_marker(config)):
+        print("search already finished: skipped", flush=True)
+        return None
     if resume and tune.Tuner.can_restore(exp_path):
-        print(f"[{group}] resuming {exp_path}", flush=True)
+        print(f"resuming {exp_path}", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         # The restored RunConfig carries the pickled callback; point it at this study's sink.
         local = getattr(tuner, "_local_tuner", None)
@@ -236,23 +272,38 @@ def run_group(config: StudyConfig, group: str, trainable, resume: bool) -> bool:
             if isinstance(cb, SinkCallback):
                 cb.sink, cb.study = sink, config
     else:
-        if resume:  # rows of a search that never saved its state cannot be continued
-            for table in ("epochs", "trials"):
-                sink.drop_group(table, group)
-        tuner = make_tuner(config, group, trainable, sink)
+        if resume:
+            _forget_unsaved_search(config, sink, optuna_url)
+        tuner = make_tuner(config, trainable, slots, optuna_url, sink)
     results = tuner.fit()
-    expected = config.samples
-    finished = (len(results) >= expected
+    finished = (len(results) >= config.samples * len(config.groups)
                 and results.num_terminated + results.num_errors == len(results))
-    if finished:
-        fsutil.write_bytes(_done_marker(config, group), json.dumps(
-            {"group": group, "trials": len(results), "errors": results.num_errors,
-             "finished_at": time.time()}).encode())
-    return finished
+    if not finished:
+        raise KeyboardInterrupt("search interrupted; continue with --resume")
+    compact_search_tables(config)
+    fsutil.write_bytes(_done_marker(config), json.dumps(
+        {"groups": list(config.groups), "trials": len(results), "errors": results.num_errors,
+         "finished_at": time.time()}).encode())
+    return results
 
 
-def run_tune(config: StudyConfig, resume: bool = False, address: str | None = None) -> dict:
-    """Search every group of ``config``; returns the per-group summary (see ``summarize``)."""
+def compact_search_tables(config: StudyConfig) -> None:
+    """Merge each group's epoch and trial part files into one file per table and group."""
+    from .compact import compact_group
+
+    for group in config.groups:
+        compact_group(config.study_dir, group, tables=("epochs", "trials"))
+
+
+def run_tune(config: StudyConfig, resume: bool = False, address: str | None = None,
+             optuna_storage: str | None = None, simulate: float | None = None,
+             num_cpus: int | None = None) -> dict:
+    """Search every group of ``config``; returns the per-group summary (see ``summarize``).
+
+    ``simulate`` (seconds per epoch) runs sleeping trials with synthetic learning curves
+    instead of training, and ``num_cpus`` sets the slots of a private Ray instance: together
+    they make ``kdsearch bench --scheduler``.
+    """
     fsutil.check_storage(config.storage)
     stored = read_study_json(config.storage, config.study)
     if resume and stored is not None:
@@ -267,27 +318,43 @@ def run_tune(config: StudyConfig, resume: bool = False, address: str | None = No
     if stored and resume and stored.get("data_fingerprint") not in (None, data.fingerprint):
         raise ValueError(f"data: {config.data!r} is not the dataset the study started with "
                          f"(fingerprint {data.fingerprint} != {stored['data_fingerprint']})")
-    # The teacher is read (or trained) before Ray starts: a bad teacher file is refused in one
-    # line, without starting (and printing from) a Ray instance.
-    teacher_state, teacher_meta = prepare_teacher(config, data)
+    cached = None
+    if needs_teacher(config) and not simulate:
+        from .teacher_task import load_cached
+
+        cached = load_cached(config, data)  # a bad teacher file is refused before Ray starts
     quiet_ray()
-    init_ray(config, address)
+    init_ray(config, address, num_cpus)
+    import ray
     from ray import tune
 
-    from .trainable import train_trial
+    from .trainable import SharedInputs, train_trial
 
+    slots = cluster_slots(config)
+    teacher_state, teacher_meta = (None, {}) if simulate else prepare_teacher(
+        config, data, address, cached)
     write_study_json(config, data_fingerprint=data.fingerprint, data_spec=data.spec,
                      **teacher_meta)
+    inputs = SharedInputs(data=ray.put(data),
+                          teacher_state=ray.put(teacher_state) if teacher_state else None,
+                          simulate=simulate)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, study=config, data=data, teacher_state=teacher_state),
+        tune.with_parameters(train_trial, study=config, inputs=inputs),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
+    running, alive = live_trials(config, slots)
+    url = optuna_storage_url(config, optuna_storage)
+    print(f"search: {len(config.groups)} groups x {config.samples} trials on {slots} slots "
+          f"({running} running at most, {alive - running} queued); Optuna storage {url}",
+          flush=True)
     t0 = time.monotonic()
-    for group in config.groups:
-        if not run_group(config, group, trainable, resume):
-            raise KeyboardInterrupt(f"search of {group!r} interrupted; continue with --resume")
+    results = run_search(config, trainable, resume, slots, url)
     summary = summarize(config)
     summary["wall_seconds"] = time.monotonic() - t0
+    summary["slots"] = slots
+    if results is not None:
+        pids = [r.metrics.get("pid") for r in results if r.metrics]
+        summary["worker_processes"] = len({p for p in pids if p is not None})
     return summary
 
 
@@ -328,10 +395,11 @@ def print_summary(summary: dict) -> None:
 def cmd_tune(args) -> int:
     """``kdsearch tune``: resolve the study config, run the search, print the summary."""
     overrides = overrides_from_args(args)
+    environment = environment_settings()
     stored = None
     if args.resume:
         where = {"study": overrides["study"], "storage": overrides["storage"]}
-        base = load_study_config(args.preset, args.config, where)
+        base = load_study_config(args.preset, args.config, where, environment)
         stored = read_study_json(base.storage, base.study)
     if stored is not None:
         config = config_from_study_json(stored, {**overrides, "storage": base.storage})
@@ -339,16 +407,17 @@ def cmd_tune(args) -> int:
             if value is None or key in RUNTIME_FIELDS or key == "study":
                 continue
             if key == "groups":
-                groups = stored["groups"] if value == "all" else [value]
-                if not set(groups) <= set(stored["groups"]):
-                    raise ValueError(f"--group {value}: not a group of this study")
-                config = StudyConfig.from_dict({**config.to_dict(), "groups": groups})
+                if value not in ("all", *stored["groups"]) or (
+                        value != "all" and len(stored["groups"]) > 1):
+                    raise ValueError(f"--group {value}: a resumed study searches all its "
+                                     f"groups {stored['groups']} together")
             elif value != stored.get(key):
                 flag = "epochs" if key == "max_epochs" else key.replace("_", "-")
                 raise ValueError(f"--{flag}: {value!r} differs from the resumed "
                                  f"study's {stored.get(key)!r} (a study keeps its settings)")
     else:
-        config = load_study_config(args.preset, args.config, overrides)
-    summary = run_tune(config, resume=bool(args.resume), address=args.address)
+        config = load_study_config(args.preset, args.config, overrides, environment)
+    summary = run_tune(config, resume=bool(args.resume), address=args.address,
+                       optuna_storage=args.optuna_storage)
     print_summary(summary)
     return 0

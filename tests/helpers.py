@@ -65,12 +65,17 @@ def write_toml(path: Path, settings: dict) -> Path:
     return path
 
 
-def env(**extra: str) -> dict[str, str]:
+def env(**extra: str | None) -> dict[str, str]:
     """The environment of a subprocess: this checkout importable, no inherited RAY_ADDRESS,
-    token authentication off (loopback test clusters only), no usage statistics."""
+    token authentication off (loopback test clusters only), no usage statistics. An
+    ``extra`` value of None removes that variable."""
     out = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               **extra)
+    out.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    for key, value in extra.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
     return out
 
 
@@ -143,8 +148,9 @@ def free_port(host: str) -> int:
 @contextlib.contextmanager
 def ray_cluster(workers: tuple[str, ...] = ("127.0.0.3",), head: str = "127.0.0.2",
                 cpus: int = 1, extra_env: dict[str, str] | None = None,
-                ) -> Iterator[dict]:
-    """A local multi-node Ray cluster on loopback addresses, each node with ``cpus`` CPUs.
+                head_cpus: int | None = None) -> Iterator[dict]:
+    """A local multi-node Ray cluster on loopback addresses, each node with ``cpus`` CPUs
+    (the head with ``head_cpus`` when given: 0 makes a head that runs no trial).
 
     Yields ``{"address": "HEAD:PORT", "temp": TEMP_DIR, "leaders": [pid, ...]}``; on exit
     every process it started (each ``ray start`` runs in its own session) is killed by id.
@@ -152,11 +158,12 @@ def ray_cluster(workers: tuple[str, ...] = ("127.0.0.3",), head: str = "127.0.0.
     ray = str(Path(sys.executable).parent / "ray")
     port = free_port(head)
     temp = f"/tmp/kdr{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
-    common = ["--num-cpus", str(cpus), "--temp-dir", temp, "--disable-usage-stats"]
+    common = ["--temp-dir", temp, "--disable-usage-stats"]
+    head_cpus = cpus if head_cpus is None else head_cpus
     argvs = [[ray, "start", "--head", "--node-ip-address", head, "--port", str(port),
-              "--include-dashboard=false", *common]]
-    argvs += [[ray, "start", "--address", f"{head}:{port}", "--node-ip-address", ip, *common]
-              for ip in workers]
+              "--include-dashboard=false", "--num-cpus", str(head_cpus), *common]]
+    argvs += [[ray, "start", "--address", f"{head}:{port}", "--node-ip-address", ip,
+               "--num-cpus", str(cpus), *common] for ip in workers]
     leaders: list[int] = []
     try:
         for argv in argvs:

@@ -96,7 +96,7 @@ def _assert_parts_whole(study_dir: str) -> dict[str, int]:
         found = ds.dataset(root / table, format="parquet", partitioning="hive").count_rows()
         assert found == rows == len(read_raw(study_dir, table)), (table, found, rows)
     top = {p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")}
-    assert top <= {"study.json"}, top
+    assert top <= {"study.json", "optuna.db"}, top
     return {"visible_parts": visible, "hidden_leftovers": hidden}
 
 
@@ -142,7 +142,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(tmp_path):
     t = trials.iloc[0]
     assert (t.status, t.epochs_run) == ("completed", 3)
     # Tune saw the worker die and retried the trial (FailureConfig); the error is on file
-    errors = list((store / "wk" / "ray" / "kd").glob("*/error.txt"))
+    errors = list((store / "wk" / "ray" / "search").glob("*/error.txt"))
     assert len(errors) == 1, errors
     text = errors[0].read_text()
     assert text.count("Failure #") == 1 and f"pid: {workers[0]}" in text, text[:1000]
@@ -229,7 +229,19 @@ def test_driver_killed_then_resume_loses_nothing(tmp_path):
     for _, t in trials.iterrows():
         mine = raw.loc[raw.trial_id == t.trial_id, params]
         assert (mine == t[params].to_numpy()).all().all(), t.trial_id
-    assert (store / "r" / "ray" / "kd.done.json").is_file()
+    assert (store / "r" / "ray" / "search.done.json").is_file()
+    # The same Optuna study continued: one Optuna trial per Tune trial, in agreeing states;
+    # proposals made but never saved by Tune before the kill are FAIL and marked orphaned.
+    import optuna
+
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{store / 'r' / 'optuna.db'}")
+    kept = [t for t in study.trials if not t.user_attrs.get("orphaned")]
+    assert sorted(t.user_attrs["trial_id"] for t in kept) == sorted(trials.trial_id)
+    state = {"completed": "COMPLETE", "asha_stopped": "PRUNED"}
+    for t in kept:
+        row = trials.set_index("trial_id").loc[t.user_attrs["trial_id"]]
+        assert t.state.name == state[row.status], (t.number, t.state, row.status)
+    assert all(t.state.name == "FAIL" for t in study.trials if t.user_attrs.get("orphaned"))
     files = _assert_parts_whole(study_dir)
     print(f"\ndriver kill: {killed} processes killed, {len(before)} trials finished before, "
           f"{len(rows_before)} epoch rows kept, {len(resumed)} resumed epochs, {files}")
@@ -330,8 +342,7 @@ def test_diverging_configuration_is_recorded_and_the_study_completes(diverged_st
     epochs = read_table(study_dir, "epochs")
     assert set(epochs.group) == {"baseline"} and len(epochs) == 4  # no row for a diverged epoch
     assert epochs.val_loss.map(np.isfinite).all()
-    for group in ("kd", "baseline"):
-        assert (store / "div" / "ray" / f"{group}.done.json").is_file()
+    assert (store / "div" / "ray" / "search.done.json").is_file()
     files = _assert_parts_whole(study_dir)
     print(f"\ndiverge: kd {kd.status.tolist()}, baseline {base.status.tolist()}, {files}")
 

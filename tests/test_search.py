@@ -10,6 +10,9 @@ import subprocess
 import time
 
 import pytest
+
+pytest.importorskip("ray")  # every test here needs Ray (the device image has none)
+
 from helpers import REPO, TINY, check_search_tables, env, kdsearch, ray_cluster, tiny, write_toml
 
 from search.callback import classify
@@ -184,28 +187,37 @@ def test_search_with_asha_stopping(tmp_path, ray_shutdown):
 
 @pytest.mark.slow
 def test_diverged_and_failed_trials_are_classified(tmp_path, ray_shutdown):
+    import ray
     from ray import tune
 
-    from search.trainable import train_trial
-    from search.tune import init_ray, run_group
+    from search.trainable import SharedInputs, train_trial
+    from search.tune import init_ray, optuna_storage_url, run_search
 
-    def bound(config: StudyConfig):  # as run_tune binds it, but without a teacher
-        return tune.with_resources(tune.with_parameters(
-            train_trial, study=config, data=config.load_data(), teacher_state=None), {"cpu": 1})
+    def run(config: StudyConfig):  # as run_tune runs it, but without a teacher
+        inputs = SharedInputs(data=ray.put(config.load_data()))
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, study=config, inputs=inputs), {"cpu": 1})
+        return run_search(config, trainable, False, 2, optuna_storage_url(config))
 
     # lr = 1e6 makes the loss non-finite in epoch 1: a `diverged` row, no retry, no epoch row.
     config = tiny(tmp_path, study="div", groups=["baseline"], samples=1, max_epochs=2, lr=1e6)
     init_ray(config)
-    assert run_group(config, "baseline", bound(config), resume=False)
+    assert run(config) is not None
     t = read_table(config.study_dir, "trials")
     assert t.status.tolist() == ["diverged"] and t.epochs_run.tolist() == [0]
     assert "non-finite" in t.error.item() and read_table(config.study_dir, "epochs").empty
 
-    # kd without a teacher raises in every attempt: retried twice, then a `failed` row.
+    # kd without a teacher raises in every attempt: retried twice, then a `failed` row, and
+    # Optuna is told FAIL.
     config = tiny(tmp_path, study="fail", groups=["kd"], samples=1, max_epochs=2)
-    assert run_group(config, "kd", bound(config), resume=False)
+    assert run(config) is not None
     t = read_table(config.study_dir, "trials")
     assert t.status.tolist() == ["failed"] and "teacher" in t.error.item()
+    import optuna
+
+    (only,) = optuna.load_study(study_name="kd", storage=optuna_storage_url(config)).trials
+    assert only.state == optuna.trial.TrialState.FAIL
+    assert only.user_attrs == {"trial_id": t.trial_id.item(), "status": "failed"}
 
 
 @pytest.mark.slow

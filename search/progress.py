@@ -1,0 +1,100 @@
+"""``StudyProgress``: one compact progress view of a whole study for Ray Tune's console.
+
+Every ``interval`` seconds (and once at the end) it prints one line per group — trials
+running, finished, stopped by ASHA, failed, still to start, and the best validation accuracy
+so far — under a header with the elapsed time and a rough estimate of what is left::
+
+    tune 3m12s, ~5m left, 8 slots
+      group     running  done  stopped  failed  to start  best val_acc
+      kd              2     3        4       0         7       0.4123
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from ray.tune import ProgressReporter
+
+from .callback import classify
+from .study import StudyConfig
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def group_counts(trials: list, config: StudyConfig) -> dict[str, dict]:
+    """Per group: running, done, stopped, failed, to_start, best (val_acc), trial_seconds."""
+    counts = {g: {"running": 0, "done": 0, "stopped": 0, "failed": 0, "best": math.nan,
+                  "trial_seconds": []} for g in config.groups}
+    for trial in trials:
+        entry = counts.get(trial.config.get("group"))
+        if entry is None:
+            continue
+        result = trial.last_result or {}
+        best = result.get("best_val_acc")
+        if best is not None and not result.get("diverged"):
+            entry["best"] = float(np.nanmax([entry["best"], best]))
+        if trial.status == "RUNNING":
+            entry["running"] += 1
+        elif trial.status == "ERROR":
+            entry["failed"] += 1
+        elif trial.status == "TERMINATED":
+            status = classify(result, config.max_epochs)
+            key = {"asha_stopped": "stopped", "failed": "failed", "diverged": "failed"}
+            entry[key.get(status, "done")] += 1
+            if result.get("wall_seconds"):
+                entry["trial_seconds"].append(float(result["wall_seconds"]))
+    for entry in counts.values():
+        entry["to_start"] = max(config.samples - entry["running"] - entry["done"]
+                                - entry["stopped"] - entry["failed"], 0)
+    return counts
+
+
+def estimate_left(counts: dict[str, dict], slots: int) -> float | None:
+    """Seconds left if the unfinished trials take as long as the finished ones, on ``slots``."""
+    seconds = [s for e in counts.values() for s in e["trial_seconds"]]
+    if not seconds:
+        return None
+    mean = sum(seconds) / len(seconds)
+    left = sum(e["to_start"] + 0.5 * e["running"] for e in counts.values())
+    return left * mean / max(slots, 1)
+
+
+class StudyProgress(ProgressReporter):
+    """The console view of ``kdsearch tune`` (see the module docstring)."""
+
+    def __init__(self, config: StudyConfig, slots: int, interval: float = 30.0):
+        self.config = config
+        self.slots = slots
+        self.interval = interval
+        self.start = time.monotonic()
+        self.last = -math.inf
+
+    def should_report(self, trials: list, done: bool = False) -> bool:
+        return done or time.monotonic() - self.last >= self.interval
+
+    def render(self, trials: list) -> str:
+        counts = group_counts(trials, self.config)
+        elapsed = time.monotonic() - self.start
+        left = estimate_left(counts, self.slots)
+        head = f"tune {_duration(elapsed)}"
+        head += f", ~{_duration(left)} left" if left is not None else ""
+        lines = [f"{head}, {self.slots} slots",
+                 "  group     running  done  stopped  failed  to start  best val_acc"]
+        for group, e in counts.items():
+            best = "—" if math.isnan(e["best"]) else f"{e['best']:.4f}"
+            lines.append(f"  {group:<9} {e['running']:>7} {e['done']:>5} {e['stopped']:>8} "
+                         f"{e['failed']:>7} {e['to_start']:>9}  {best:>11}")
+        return "\n".join(lines)
+
+    def report(self, trials: list, done: bool, *sys_info: str) -> None:
+        self.last = time.monotonic()
+        print(self.render(trials), flush=True)

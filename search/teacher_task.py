@@ -1,0 +1,117 @@
+"""The study's teacher: trained once, as a Ray task with a trial's resources, cached in storage.
+
+The teacher file lives at ``<storage>/teachers/teacher-<content hash>.pt`` (a local path or a
+pyarrow URI, so every node of a cluster finds it). The driver first looks there
+(``load_cached``: a damaged or foreign file is refused in one line before Ray starts); if
+the file is missing, ``train_on_cluster`` runs ``train_and_store`` as a Ray task that asks for
+``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs, so on a cluster it runs on a GPU worker
+even when the driver has none. Training holds an exclusive lock on
+``teacher-<hash>.lock`` next to the file (local and shared POSIX storage), so two studies
+that need the same teacher at the same time train it once: the second waits, then loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kdcore.data import Dataset
+from kdcore.teacher import get_teacher, load_teacher
+
+from . import fsutil
+from .study import StudyConfig
+
+
+def teacher_path(config: StudyConfig, data: Dataset) -> str:
+    """``<storage>/teachers/teacher-<hash>.pt`` for this study's teacher and data."""
+    return fsutil.join(config.storage, "teachers",
+                       f"teacher-{config.teacher.content_hash(data)}.pt")
+
+
+def load_cached(config: StudyConfig, data: Dataset) -> tuple[dict, dict] | None:
+    """(state_dict, meta) of the cached teacher, None when there is none; ValueError if bad."""
+    path = teacher_path(config, data)
+    blob = fsutil.read_bytes(path)
+    if blob is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = path if not fsutil.is_uri(path) else str(Path(tmp) / Path(path).name)
+        if local != path:
+            Path(local).write_bytes(blob)
+        model = load_teacher(local, config.teacher, data.num_classes)
+        meta = torch.load(local, map_location="cpu", weights_only=True).get("meta", {})
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, meta
+
+
+@contextlib.contextmanager
+def exclusive(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (local storage); a no-op for URIs."""
+    if fsutil.is_uri(path):
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def train_and_store(config: StudyConfig, data: Dataset) -> dict:
+    """Train the teacher unless another process did meanwhile; write it to storage.
+
+    Returns ``{"trained": bool, "node": ..., "seconds": ...}``. Runs inside the Ray task (or
+    directly, in tests).
+    """
+    path = teacher_path(config, data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.cpus_per_trial)))
+    t0 = time.monotonic()
+
+    def progress(metrics: dict, state: dict) -> None:
+        print(f"teacher epoch {metrics['epoch']}/{config.teacher.epochs}: "
+              f"val_acc {metrics['val_acc']:.4f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
+
+    try:
+        with exclusive(path[: -len(".pt")] + ".lock"):
+            if fsutil.exists(path):
+                return {"trained": False, "node": _node(), "seconds": time.monotonic() - t0}
+            with tempfile.TemporaryDirectory(prefix="kdsearch-teacher-") as tmp:
+                _, digest, _ = get_teacher(config.teacher, data, tmp, report=progress)
+                fsutil.write_bytes(path, (Path(tmp) / f"teacher-{digest}.pt").read_bytes())
+    finally:
+        torch.set_num_threads(threads)
+    return {"trained": True, "node": _node(), "seconds": time.monotonic() - t0}
+
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else "local"
+    except ImportError:
+        return "local"
+
+
+def train_on_cluster(config: StudyConfig, data_ref) -> dict:
+    """Run ``train_and_store`` as a Ray task with one trial's resources; returns its summary."""
+    import ray
+
+    @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial, max_retries=1)
+    def teacher_task(config: StudyConfig, data: Dataset) -> dict:
+        return train_and_store(config, data)
+
+    return ray.get(teacher_task.remote(config, data_ref))
+
+
+def describe(meta: dict, where: str) -> str:
+    return (f"teacher {meta.get('hash', '?')}: val_acc {meta.get('val_acc', math.nan):.4f} "
+            f"({where})")
