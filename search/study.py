@@ -156,7 +156,9 @@ class StudyConfig:
 
     @property
     def teacher_cache(self) -> Path:
-        """``<storage>/teachers`` (a local cache under ~/.cache/kdsearch for URI storage)."""
+        """``<storage>/teachers`` as a local folder (for URI storage, a local cache under
+        ~/.cache/kdsearch). A study's own teacher lives at ``teacher_task.teacher_path``, which
+        is this folder for local storage and ``<storage>/teachers`` on the URI otherwise."""
         if fsutil.is_uri(self.storage):
             from kdcore.data import _cache_dir
 
