@@ -79,7 +79,8 @@ def _study_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="GPUs per trial; fractions share one GPU between trials",
     )
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials running at once (default: every slot of the cluster)")
     p.add_argument("--device", default=None, help="training device in each trial (cpu, cuda)")
 
 
