@@ -68,14 +68,19 @@ def _restore() -> tuple[dict | None, int, float]:
     return blob["state"], int(blob["attempt"]) + 1, float(blob["wall_seconds"])
 
 
+def frozen_teacher(study: StudyConfig, state: dict, num_classes: int) -> torch.nn.Module:
+    """The study's teacher with weights ``state``, in eval mode, no parameter requiring grad."""
+    model = build_teacher(study.teacher, num_classes)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
 def _teacher(study: StudyConfig, config: TrialConfig, state: dict | None, num_classes: int):
     if not config.needs_teacher:
         return None
     if state is None:
         raise ValueError(f"teacher: group {config.group!r} needs a teacher, none was given")
-    model = build_teacher(study.teacher, num_classes)
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    return frozen_teacher(study, state, num_classes)
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,7 @@ def fetch_shared(inputs: SharedInputs, study: StudyConfig,
         data = ray.get(inputs.data)
         teacher = None
         if inputs.teacher_state is not None:
-            teacher = build_teacher(study.teacher, data.num_classes)
-            teacher.load_state_dict(ray.get(inputs.teacher_state))
-            teacher = teacher.eval().requires_grad_(False)
+            teacher = frozen_teacher(study, ray.get(inputs.teacher_state), data.num_classes)
         _FETCHED.update(key=key, data=data, teacher=teacher, fetches=0)
     _FETCHED["fetches"] += 1
     return _FETCHED["data"], _FETCHED["teacher"]

@@ -359,22 +359,25 @@ def run_tune(config: StudyConfig, resume: bool = False, address: str | None = No
 
 
 def summarize(config: StudyConfig) -> dict:
-    """Per group: trial counts by status, best val_acc, its trial and configuration."""
+    """Per group: trial counts by status and the best configuration, chosen by the rule the
+    report and ``reproduce`` use (``analysis.best_configs``: full-budget trials only)."""
+    from analysis.stats import best_configs
+
     trials = read_table(config.study_dir, "trials")
+    best = best_configs(trials, config.max_epochs) if len(trials) else trials
     out: dict[str, Any] = {"study": config.study, "groups": {}}
     for group in config.groups:
         sub = trials[trials["group"] == group] if not trials.empty else trials
         counts = {s: int((sub["status"] == s).sum()) for s in STATUSES} if len(sub) else {}
         entry: dict[str, Any] = {"trials": len(sub), "status": counts}
-        usable = sub[sub["status"].isin(("completed", "asha_stopped", "early_stopped"))]
-        usable = usable[usable["best_val_acc"].notna()] if len(usable) else usable
-        if len(usable):
-            best = usable.loc[usable["best_val_acc"].idxmax()]
+        row = best[best["group"] == group] if len(best) else best
+        if len(row):
+            row = row.iloc[0]
             entry["best"] = {
-                "trial_id": best["trial_id"], "val_acc": float(best["best_val_acc"]),
-                "epoch": int(best["best_epoch"]),
-                "config": {**{p: float(best[f"cfg_{p}"]) for p in config.group_space(group)},
-                           "seed": int(best["seed"])},
+                "trial_id": row["trial_id"], "val_acc": float(row["best_val_acc"]),
+                "epoch": int(row["best_epoch"]),
+                "config": {**{p: float(row[f"cfg_{p}"]) for p in config.group_space(group)},
+                           "seed": int(row["seed"])},
             }
         out["groups"][group] = entry
     return out
@@ -388,7 +391,7 @@ def print_summary(summary: dict) -> None:
         if "best" in entry:
             b = entry["best"]
             cfg = " ".join(f"{k}={v:.4g}" for k, v in b["config"].items())
-            line += f"; best val_acc {b['val_acc']:.4f} (epoch {b['epoch']}, {cfg})"
+            line += f"; best full-budget val_acc {b['val_acc']:.4f} (epoch {b['epoch']}, {cfg})"
         print(line, flush=True)
 
 
