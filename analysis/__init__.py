@@ -4,7 +4,16 @@ from analysis.constants import GROUPS, PAPER_ACC
 from analysis.importance import param_importance
 from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
 from analysis.report import export_comparison, write_report
-from analysis.stats import best_configs, compare_groups, group_outcomes, health_check, holm
+from analysis.stats import (
+    best_configs,
+    compare_groups,
+    group_outcomes,
+    health_check,
+    holm,
+    range_positions,
+    share_by_weight,
+    teacher_gap,
+)
 from analysis.tables import Study, latest_attempt, load_study
 
 __all__ = [
@@ -24,5 +33,8 @@ __all__ = [
     "plot_learning_curves",
     "plot_robustness",
     "plot_test_accuracy",
+    "range_positions",
+    "share_by_weight",
+    "teacher_gap",
     "write_report",
 ]

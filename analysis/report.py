@@ -12,7 +12,18 @@ from analysis._io import atomic_write_text
 from analysis.constants import CFG_COLUMNS, USABLE_STATUSES, ordered_groups
 from analysis.importance import MIN_TRIALS, param_importance
 from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
-from analysis.stats import FULL, LONGEST, NONE, compare_groups, group_outcomes, health_check
+from analysis.stats import (
+    FULL,
+    LONGEST,
+    NONE,
+    best_configs,
+    compare_groups,
+    group_outcomes,
+    health_check,
+    range_positions,
+    share_by_weight,
+    teacher_gap,
+)
 from analysis.tables import Study, load_study, resolve
 
 Formatter = Callable[[object], str]
@@ -76,6 +87,36 @@ def comparison_section(comparison: pd.DataFrame, data: object) -> list[str]:
         markdown_table(comparison, formats),
         "",
     ]
+
+
+def teacher_section(teacher: Mapping[str, object], comparison: pd.DataFrame) -> list[str]:
+    """The teacher's test accuracy next to each group's mean, and the gap each group closed."""
+    if not teacher or "test_acc" not in teacher or comparison.empty:
+        return []
+    acc = float(str(teacher["test_acc"]))
+    gaps = teacher_gap(comparison, acc)
+    cbam = "with" if teacher.get("cbam") else "without"
+    lines = [
+        "## Teacher and students", "",
+        f"Teacher: {teacher.get('arch')} width {teacher.get('width')} {cbam} CBAM, "
+        f"{teacher.get('epochs')} epochs: **{acc * 100:.2f}%** test accuracy on the same test "
+        f"set ({fmt_count(teacher.get('params'))} parameters, "
+        f"{fmt_float('.3f')(teacher.get('latency_ms_bs1'))} ms per image at batch 1).",
+    ]
+    base = gaps[gaps["group"] == "baseline"]
+    if len(base):
+        lines.append(f"Baseline student: {base['mean'].iloc[0]:.2f}% "
+                     f"(95% CI {base['ci_low'].iloc[0]:.2f} to {base['ci_high'].iloc[0]:.2f}); "
+                     f"teacher - baseline = **{acc * 100 - base['mean'].iloc[0]:.2f} points**.")
+    lines += ["`gap_to_teacher`: teacher minus the group's mean (points); `gap_closed`: the "
+              "group's paired gain over the baseline as a fraction of the teacher-baseline gap "
+              "(a point estimate; its uncertainty is that of `diff_vs_baseline`).", "",
+              markdown_table(gaps, {c: ACC for c in ("mean", "ci_low", "ci_high",
+                                                     "diff_vs_baseline", "gap_to_teacher")}
+                             | {"n": fmt_float(".0f"), "gap_closed": fmt_float(".2f"),
+                                "group": str}),
+              ""]
+    return lines
 
 
 def fmt_text(value: object) -> str:
@@ -170,6 +211,39 @@ def health_section(epochs: pd.DataFrame, groups: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+def ranges_section(study: Study) -> list[str]:
+    """Gradient share against weight, and where the best values sit in their ranges."""
+    shares = share_by_weight(study.epochs)
+    space = study.config.get("space") or {}
+    positions = range_positions(best_configs(study.trials, study.config.get("max_epochs")),
+                                study.trials, space)
+    if shares.empty and positions.empty:
+        return []
+    lines = ["## Search ranges", ""]
+    if not shares.empty:
+        share = fmt_float(".4f")
+        lines += ["Each distillation term's gradient share (a trial's mean over its epochs) "
+                  "at the group's trial with the lowest and the highest weight, the median "
+                  "over trials, and the Spearman correlation of weight and share. A share "
+                  "near 0 over the whole range means the term never reaches the student; "
+                  "near 1, that it drowns the others.", "",
+                  markdown_table(shares, {"weight_min": fmt_float(".4g"),
+                                          "weight_max": fmt_float(".4g"),
+                                          "share_at_min": share, "share_at_max": share,
+                                          "share_median": share,
+                                          "spearman": fmt_float(".2f"), "trials": fmt_count}),
+                  ""]
+    if not positions.empty:
+        lines += ["Where each group's best full-budget value lies in its search range "
+                  "(0: low edge, 1: high edge; log ranges in log space). `edge` marks values "
+                  "within 5% of an edge: the optimum may lie outside the range.", "",
+                  markdown_table(positions, {c: fmt_float(".4g") for c in
+                                             ("value", "low", "high")}
+                                 | {"position": fmt_float(".2f")}),
+                  ""]
+    return lines
+
+
 def status_section(trials: pd.DataFrame, outcomes: pd.DataFrame) -> list[str]:
     """How many trials of each group ended in each status (ASHA stops included), and the
     group's first error; every group has a row."""
@@ -253,9 +327,11 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     if "max_epochs" in config:
         lines += [f"Epoch budget per trial: {config['max_epochs']}.", ""]
     lines += comparison_section(comparison, config.get("data"))
+    lines += teacher_section(study.teacher, comparison)
     lines += best_section(outcomes, config.get("max_epochs"))
     lines += importance_section(study.trials, config.get("space") or {}, groups)
     lines += health_section(study.epochs, groups)
+    lines += ranges_section(study)
     lines += status_section(study.trials, outcomes)
     lines += robustness_section(study.robustness, groups)
     lines += figures_section(draw_figures(study, comparison, out))

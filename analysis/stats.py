@@ -109,6 +109,23 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
     return table[COMPARISON_COLUMNS]
 
 
+def teacher_gap(comparison: pd.DataFrame, teacher_test_acc: float) -> pd.DataFrame:
+    """Each group's mean test accuracy against the teacher's (``teacher_test_acc`` in [0, 1]).
+
+    ``gap_to_teacher`` is teacher minus group (points); ``gap_closed`` is the group's mean
+    paired gain over the baseline as a fraction of the teacher-baseline gap (a point estimate:
+    its uncertainty is that of ``diff_vs_baseline`` in the comparison table).
+    """
+    teacher = teacher_test_acc * 100
+    rows = comparison[comparison["n"] > 0][["group", "n", "mean", "ci_low", "ci_high",
+                                            "diff_vs_baseline"]].copy()
+    base = rows.loc[rows["group"] == "baseline", "mean"]
+    base_gap = teacher - float(base.iloc[0]) if len(base) else math.nan
+    rows["gap_to_teacher"] = teacher - rows["mean"]
+    rows["gap_closed"] = rows["diff_vs_baseline"] / base_gap if base_gap > 0 else math.nan
+    return rows.reset_index(drop=True)
+
+
 BEST_COLUMNS: list[str] = ["group", "trial_id", "status", "best_val_acc", "best_epoch",
                            "epochs_run", "seed", *CFG_COLUMNS]
 """Columns of :func:`best_configs`."""
@@ -228,4 +245,72 @@ def health_check(epochs: pd.DataFrame, threshold: float = 0.01) -> pd.DataFrame:
             rows.append({"group": group, "term": term, "mean_share": mean,
                          "n": int(values.notna().sum()),
                          "flagged": bool(math.isnan(mean) or mean < threshold)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+SHARE_COLUMNS: list[str] = ["group", "term", "trials", "weight_min", "weight_max",
+                            "share_at_min", "share_at_max", "share_median", "spearman"]
+"""Columns of :func:`share_by_weight`."""
+
+
+def share_by_weight(epochs: pd.DataFrame) -> pd.DataFrame:
+    """How a term's gradient share follows its weight across a group's trials.
+
+    One row per group and distillation term whose weight varied over the group's trials:
+    each trial's mean share (``gshare_<term>`` over its epochs) at the trial with the lowest
+    and the highest weight, the median over trials, and the Spearman correlation between
+    weight and share. A share that stays near 0 (or near 1) across the whole range says the
+    range is too low (or too high) to matter.
+    """
+    if epochs.empty or "group" not in epochs:
+        return pd.DataFrame(columns=SHARE_COLUMNS)
+    epochs = latest_attempt(epochs)
+    rows = []
+    for group in ordered_groups(epochs["group"]):
+        sub = epochs[epochs["group"] == group]
+        for term in TERMS[1:]:  # CE is the anchor term, not a distillation weight
+            weight, share = f"cfg_w_{term}", f"gshare_{term}"
+            if weight not in sub or share not in sub:
+                continue
+            per_trial = (sub.assign(w=pd.to_numeric(sub[weight], errors="coerce"),
+                                    s=pd.to_numeric(sub[share], errors="coerce"))
+                         .groupby("trial_id")[["w", "s"]].mean().dropna())
+            per_trial = per_trial[per_trial["w"] > 0].sort_values("w")
+            if len(per_trial) < 2 or per_trial["w"].nunique() < 2:
+                continue
+            varies = per_trial["s"].nunique() > 1
+            rho = sps.spearmanr(per_trial["w"], per_trial["s"]).statistic if varies else math.nan
+            rows.append({"group": group, "term": term, "trials": len(per_trial),
+                         "weight_min": per_trial["w"].iloc[0],
+                         "weight_max": per_trial["w"].iloc[-1],
+                         "share_at_min": per_trial["s"].iloc[0],
+                         "share_at_max": per_trial["s"].iloc[-1],
+                         "share_median": float(per_trial["s"].median()),
+                         "spearman": float(rho)})
+    return pd.DataFrame(rows, columns=SHARE_COLUMNS)
+
+
+def range_positions(best: pd.DataFrame, trials: pd.DataFrame,
+                    space: Mapping[str, Mapping[str, object]]) -> pd.DataFrame:
+    """Where each group's best value of each tuned parameter sits in its search range.
+
+    A parameter is tuned in a group when its value varies over the group's trials.
+    ``position`` is 0 at the range's low edge and 1 at its high edge (in log space for log
+    ranges); ``edge`` marks a value within 5% of an edge, where the best value may lie
+    outside the range.
+    """
+    columns = ["group", "param", "value", "low", "high", "position", "edge"]
+    rows = []
+    for row in best.to_dict("records"):
+        mine = trials[trials["group"] == row["group"]]
+        for param, spec in space.items():
+            column = f"cfg_{param}"
+            if column not in mine or pd.to_numeric(mine[column]).nunique() < 2:
+                continue
+            value, low, high = (float(v) for v in (row[column], spec["low"], spec["high"]))
+            scale = math.log if spec.get("log") else float
+            position = (scale(value) - scale(low)) / (scale(high) - scale(low))
+            edge = "low" if position < 0.05 else "high" if position > 0.95 else ""
+            rows.append({"group": row["group"], "param": param, "value": value, "low": low,
+                         "high": high, "position": position, "edge": edge})
     return pd.DataFrame(rows, columns=columns)

@@ -22,13 +22,14 @@ from analysis.layout import entry, list_files, split
 
 @dataclass(frozen=True, eq=False)
 class Study:
-    """Every table of one study, deduplicated, plus its ``study.json``."""
+    """Every table of one study, deduplicated, plus its ``study.json`` and ``teacher.json``."""
 
     epochs: pd.DataFrame
     trials: pd.DataFrame
     runs: pd.DataFrame
     robustness: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's test metrics
 
     @property
     def name(self) -> str:
@@ -46,14 +47,16 @@ def resolve(study_dir: str | Path) -> tuple[pafs.FileSystem, str]:
 
 
 def load_study(study_dir: str | Path) -> Study:
-    """Read ``study.json`` and the four tables; a missing table is an empty DataFrame."""
+    """Read ``study.json``, ``teacher.json`` and the four tables; a missing table is an empty
+    DataFrame, a missing JSON file an empty dict."""
     fs, root = resolve(study_dir)
     tables = {name: read_table(fs, f"{root}/{name}", name) for name in COLUMNS}
-    return Study(config=read_config(fs, f"{root}/study.json"), **tables)
+    return Study(config=read_config(fs, f"{root}/study.json"),
+                 teacher=read_config(fs, f"{root}/teacher.json"), **tables)
 
 
 def read_config(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    """Parse ``study.json``; a missing file gives ``{}``."""
+    """Parse a JSON object file such as ``study.json``; a missing file gives ``{}``."""
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return {}
     with fs.open_input_stream(path) as fh:

@@ -8,6 +8,9 @@ one Ray Tune trial — so runs spread over a cluster like the search — that tr
 accuracy under corruptions (severities 1-5), parameters, latency and throughput. The driver
 writes one ``runs`` row and the ``robustness`` rows of each run as it finishes; a run already
 in the table is not repeated, so an interrupted reproduce continues where it stopped.
+
+The teacher is measured once on the same test set (``teacher.json``: test accuracy and loss,
+parameters, latency), so the report can put the teacher-student gap next to the groups.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .study import (
     overrides_from_args,
     read_study_json,
 )
-from .trainable import _teacher, cfg_columns, trial_settings
+from .trainable import _teacher, cfg_columns, frozen_teacher, trial_settings
 
 RAY_DIR = "ray"
 
@@ -121,6 +124,37 @@ def write_run(sink: ParquetSink, study: str, result: dict[str, Any]) -> None:
     sink.append("robustness", row["group"], robustness)
 
 
+def teacher_json_path(config: StudyConfig) -> str:
+    return fsutil.join(config.study_dir, "teacher.json")
+
+
+def stored_teacher_evaluation(config: StudyConfig, teacher_hash: str | None) -> dict | None:
+    """``teacher.json`` if it measured the teacher with ``teacher_hash``, else None."""
+    raw = fsutil.read_bytes(teacher_json_path(config))
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # damaged: measured again
+    return doc if isinstance(doc, dict) and doc.get("hash") == teacher_hash else None
+
+
+def evaluate_teacher(config: StudyConfig, data, teacher_state: dict,
+                     teacher_hash: str | None) -> dict:
+    """Test accuracy, loss, size and speed of the study's teacher; written to ``teacher.json``.
+
+    Measured like a student (``evaluate_student``, the study's precision) on the same test
+    set, without the corruption sweep.
+    """
+    model = frozen_teacher(config, teacher_state, data.num_classes)
+    metrics = evaluate_student(model, data, config.device, with_robustness=False,
+                               precision=config.precision)["metrics"]
+    doc = {"hash": teacher_hash, "arch": config.teacher.arch, "width": config.teacher.width,
+           "cbam": config.teacher.cbam, "epochs": config.teacher.epochs,
+           **{k: v for k, v in metrics.items() if k != "corrupt_acc_mean"}}
+    fsutil.write_bytes(teacher_json_path(config), json.dumps(doc, indent=2).encode())
+    return doc
+
+
 def _callback(config: StudyConfig):
     from ray.tune import Callback
 
@@ -143,7 +177,7 @@ def run_reproduce(
     """Run every missing (group, seed) of ``config``; returns how many runs were executed."""
     from ray import tune
 
-    from .tune import init_ray, prepare_teacher
+    from .tune import init_ray, needs_teacher, prepare_teacher
 
     groups = groups or config.groups
     runs = planned_runs(config, groups)
@@ -153,10 +187,17 @@ def run_reproduce(
         "finished runs are kept)",
         flush=True,
     )
-    if not runs:
+    teacher_hash = (read_study_json(config.storage, config.study) or {}).get("teacher_hash")
+    measured = not needs_teacher(config) or stored_teacher_evaluation(config, teacher_hash)
+    if not runs and measured:
         return 0
     data = config.load_data()
-    teacher_state, _ = prepare_teacher(config, data, address)  # a bad file: refused before Ray
+    teacher_state, meta = prepare_teacher(config, data, address)  # a bad file: refused before Ray
+    if teacher_state is not None and not stored_teacher_evaluation(config, meta["teacher_hash"]):
+        doc = evaluate_teacher(config, data, teacher_state, meta["teacher_hash"])
+        print(f"reproduce: teacher test_acc {doc['test_acc']:.4f} (teacher.json)", flush=True)
+    if not runs:
+        return 0
     init_ray(config, address)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, study=config, data=data, teacher_state=teacher_state),

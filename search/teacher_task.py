@@ -1,13 +1,14 @@
-"""The study's teacher: trained once, as a Ray task with a trial's resources, cached in storage.
+"""The study's teacher: trained once, as a Ray task, cached in storage.
 
 The teacher file lives at ``<storage>/teachers/teacher-<content hash>.pt`` (a local path or a
 pyarrow URI, so every node of a cluster finds it). The driver first looks there
 (``load_cached``: a damaged or foreign file is refused in one line before Ray starts); if
 the file is missing, ``train_on_cluster`` runs ``train_and_store`` as a Ray task that asks for
-``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs, so on a cluster it runs on a GPU worker
-even when the driver has none. Training holds an exclusive lock on
-``teacher-<hash>.lock`` next to the file (local and shared POSIX storage), so two studies
-that need the same teacher at the same time train it once: the second waits, then loads it.
+one trial's resources (a CPU-only study: all CPUs of the largest node, ``teacher_cpus``), so
+on a cluster it runs on a GPU worker even when the driver has none. Training holds an
+exclusive lock on ``teacher-<hash>.lock`` next to the file (local and shared POSIX storage),
+so two studies that need the same teacher at the same time train it once: the second waits,
+then loads it.
 """
 
 from __future__ import annotations
@@ -65,15 +66,15 @@ def exclusive(path: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def train_and_store(config: StudyConfig, data: Dataset) -> dict:
+def train_and_store(config: StudyConfig, data: Dataset, threads: int | None = None) -> dict:
     """Train the teacher unless another process did meanwhile; write it to storage.
 
-    Returns ``{"trained": bool, "node": ..., "seconds": ...}``. Runs inside the Ray task (or
-    directly, in tests).
+    ``threads``: torch CPU threads (default: ``cpus_per_trial``). Returns ``{"trained": bool,
+    "node": ..., "seconds": ...}``. Runs inside the Ray task (or directly, in tests).
     """
     path = teacher_path(config, data)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config.cpus_per_trial)))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads or config.cpus_per_trial)))
     t0 = time.monotonic()
 
     def progress(metrics: dict, state: dict) -> None:
@@ -88,7 +89,7 @@ def train_and_store(config: StudyConfig, data: Dataset) -> dict:
                 _, digest, _ = get_teacher(config.teacher, data, tmp, report=progress)
                 fsutil.write_bytes(path, (Path(tmp) / f"teacher-{digest}.pt").read_bytes())
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous_threads)
     return {"trained": True, "node": _node(), "seconds": time.monotonic() - t0}
 
 
@@ -101,13 +102,28 @@ def _node() -> str:
         return "local"
 
 
+def teacher_cpus(config: StudyConfig, node_cpus: list[float]) -> float:
+    """CPUs the teacher task asks for, given the CPUs of each alive node.
+
+    A GPU study's teacher takes one trial's resources. A CPU-only study's teacher takes the
+    CPUs of the largest node: no trial can start before the teacher exists, so the rest of
+    that node would only sit idle (on a 2-core laptop with one CPU per trial, half the machine).
+    """
+    if config.gpus_per_trial > 0 or not node_cpus:
+        return config.cpus_per_trial
+    return max(config.cpus_per_trial, math.floor(max(node_cpus)))
+
+
 def train_on_cluster(config: StudyConfig, data_ref) -> dict:
-    """Run ``train_and_store`` as a Ray task with one trial's resources; returns its summary."""
+    """Run ``train_and_store`` as a Ray task (resources from ``teacher_cpus``); its summary."""
     import ray
 
-    @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial, max_retries=1)
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus = teacher_cpus(config, node_cpus)
+
+    @ray.remote(num_cpus=cpus, num_gpus=config.gpus_per_trial, max_retries=1)
     def teacher_task(config: StudyConfig, data: Dataset) -> dict:
-        return train_and_store(config, data)
+        return train_and_store(config, data, threads=int(cpus))
 
     return ray.get(teacher_task.remote(config, data_ref))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ from analysis import (
     plot_learning_curves,
     plot_robustness,
     plot_test_accuracy,
+    range_positions,
+    share_by_weight,
+    teacher_gap,
     write_report,
 )
 
@@ -53,6 +57,8 @@ RUNS_ACC = {
     "at": {0: 0.835, 1: 0.83, 2: 0.84},
     "combined": {0: 0.84, 1: 0.835, 3: 0.85},
 }
+TEACHER = {"hash": "abc", "arch": "resnet50", "width": 0.25, "cbam": False, "epochs": 45,
+           "test_acc": 0.90, "test_loss": 0.3, "params": 1_500_000, "latency_ms_bs1": 3.5}
 ACTIVE = {
     "baseline": ("ce",),
     "kd": ("ce", "kl"),
@@ -147,6 +153,7 @@ def build_study(root: Path) -> Path:
     (root / "study.json").write_text(json.dumps({
         "study": "s", "data": "synthetic:tiny", "space": SPACE,
         "groups": list(RUNS_ACC), "max_epochs": MAX_EPOCHS}))
+    (root / "teacher.json").write_text(json.dumps(TEACHER))
     trials = trial_rows()
     stale_trial = {**trials[0], "status": "failed", "epochs_run": 1, "best_val_acc": 0.1}
     write_parts(root, "trials", "part-000.parquet", [stale_trial])
@@ -297,6 +304,49 @@ def test_compare_groups_matches_scipy(study: analysis.Study) -> None:
     np.testing.assert_allclose(table[["p_vs_baseline_holm", "p_vs_kd_holm"]], adjusted)
     assert (table["p_vs_baseline_holm"].dropna() >= table["p_vs_baseline"].dropna()).all()
     assert (table["p_vs_baseline_holm"].dropna() > table["p_vs_baseline"].dropna()).any()
+
+
+def test_teacher_gap_hand_computed(study: analysis.Study) -> None:
+    assert study.teacher == TEACHER
+    gaps = teacher_gap(compare_groups(study.runs), study.teacher["test_acc"]).set_index("group")
+    # baseline 80.0 against the teacher's 90.0: a 10-point gap
+    assert gaps.loc["baseline", "gap_to_teacher"] == pytest.approx(10.0)
+    assert math.isnan(gaps.loc["baseline", "gap_closed"])  # the reference itself
+    # kd: mean (83 + 84.5 + 82) / 3; paired gains over the baseline 3, 3.5, 3
+    assert gaps.loc["kd", "gap_to_teacher"] == pytest.approx(90 - 249.5 / 3)
+    assert gaps.loc["kd", "gap_closed"] == pytest.approx(9.5 / 3 / 10)
+    # combined pairs with the baseline on seeds 0 and 1 only: gains 4 and 2.5
+    assert gaps.loc["combined", "gap_closed"] == pytest.approx(0.325)
+
+
+def test_share_by_weight_and_range_positions_hand_computed() -> None:
+    # three `at` trials; w_at 10, 100, 1000 with mean shares 0.01, 0.05 (0.04 and 0.06) and 0.5
+    rows = [{"study": "s", "group": "at", "trial_id": t, "attempt": 0, "epoch": e,
+             "cfg_w_at": w, "gshare_at": g, "cfg_w_kl": 1.0, "gshare_kl": 0.3,
+             "timestamp": float(e)}
+            for t, w, shares in (("a", 10.0, [0.01, 0.01]), ("b", 100.0, [0.04, 0.06]),
+                                 ("c", 1000.0, [0.5, 0.5]))
+            for e, g in enumerate(shares, 1)]
+    shares = share_by_weight(pd.DataFrame(rows))
+    assert shares["term"].tolist() == ["at"]  # w_kl did not vary: not a row
+    row = shares.iloc[0]
+    assert (row["trials"], row["weight_min"], row["weight_max"]) == (3, 10.0, 1000.0)
+    assert row["share_at_min"] == pytest.approx(0.01)
+    assert row["share_at_max"] == pytest.approx(0.5)
+    assert row["share_median"] == pytest.approx(0.05)
+    assert row["spearman"] == pytest.approx(1.0)
+
+    trials = pd.DataFrame({"group": ["at"] * 3, "cfg_w_at": [10.0, 100.0, 1000.0],
+                           "cfg_T": [4.0, 4.0, 4.0]})
+    best = pd.DataFrame([{"group": "at", "cfg_w_at": 1000.0, "cfg_T": 4.0}])
+    space = {"w_at": {"low": 10.0, "high": 10000.0, "log": True},
+             "T": {"low": 1.0, "high": 16.0, "log": True}}
+    positions = range_positions(best, trials, space)
+    assert positions["param"].tolist() == ["w_at"]  # T did not vary in `at`
+    assert positions["position"].iloc[0] == pytest.approx(2 / 3)  # log10: (3 - 1) / (4 - 1)
+    assert positions["edge"].iloc[0] == ""
+    best_at_edge = best.assign(cfg_w_at=9000.0)
+    assert range_positions(best_at_edge, trials, space)["edge"].iloc[0] == "high"
 
 
 def test_compare_groups_empty() -> None:
@@ -457,6 +507,12 @@ def test_report_contents(report: Path, study: analysis.Study) -> None:
     assert "| kd | 4 | 2 | 1 | 1 | 8 |" in text  # completed, asha, early, failed, total
     assert "kd-3" in text and "kd-6" not in text.split("## Best configuration")[1][:2000]
     assert not list(report.parent.glob(".*tmp"))
+    ranges = text.split("## Search ranges")[1].split("\n## ")[0]
+    assert "| kd | T | 12 | 1 | 16 | 0.90 |  |" in ranges  # log 12 / log 16 = 0.896
+    teacher = text.split("## Teacher and students")[1].split("\n## ")[0]
+    assert "**90.00%** test accuracy" in teacher and "1500000 parameters" in teacher
+    assert "teacher - baseline = **10.00 points**" in teacher
+    assert re.search(r"^\| kd \| 3 \| 83\.17 \|.*\| 3\.17 \| 6\.83 \| 0\.32 \|$", teacher, re.M)
 
 
 def test_report_without_runs(tmp_path: Path) -> None:

@@ -183,6 +183,17 @@ def tiny_config(storage: str):
     return load_study_config(None, None, {**TINY, "storage": storage, "groups": ["kd"]})
 
 
+def test_a_cpu_only_teacher_takes_the_largest_node_and_a_gpu_teacher_one_trial(tmp_path):
+    from search.teacher_task import teacher_cpus
+
+    cpu_only = tiny_config(str(tmp_path))  # 1 CPU, 0 GPUs per trial
+    assert teacher_cpus(cpu_only, [0.0, 2.0, 16.5]) == 16
+    assert teacher_cpus(cpu_only, []) == 1.0
+    gpu = load_study_config(None, None, {**TINY, "storage": str(tmp_path), "groups": ["kd"],
+                                         "cpus_per_trial": 4.0, "gpus_per_trial": 1.0})
+    assert teacher_cpus(gpu, [0.0, 64.0]) == 4.0
+
+
 @pytest.mark.slow
 def test_two_studies_needing_one_teacher_train_it_once(tmp_path):
     ctx = mp.get_context("spawn")

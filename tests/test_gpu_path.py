@@ -153,6 +153,23 @@ def test_bench_cli_json_lines(capsys, monkeypatch, flag, cpu_bf16, expected):
     assert [r["precision"] for r in rows] == [expected, expected]
 
 
+@pytest.mark.parametrize(("cpu_bf16", "expected"), [("1", ["bf16", "fp32"]), ("0", ["fp32"])])
+def test_bench_default_times_bf16_against_fp32_in_one_run(capsys, monkeypatch, cpu_bf16,
+                                                          expected):
+    monkeypatch.setenv(CPU_BF16_ENV, cpu_bf16)
+    rc = main(["bench", "--data", "synthetic:8", "--group", "kd", "--width", "0.125",
+               "--batch", "8", "--steps", "1", "--warmup", "1", "--feeds", "device", "--json"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["precision"] for r in rows] == expected  # auto resolved; fp32 not timed twice
+
+
+def test_bench_cli_rejects_an_unknown_precision(capsys):
+    assert main(["bench", "--data", "synthetic:8", "--precision", "auto,fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision" in err[0]
+
+
 def test_bench_cli_rejects_bad_batch(capsys):
     assert main(["bench", "--data", "synthetic:8", "--batch", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

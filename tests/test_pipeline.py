@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -100,6 +101,7 @@ def test_smoke_preset_end_to_end_and_rerun_redoes_nothing(tmp_path, shared_data_
     assert sorted(set(runs["group"])) == ["at", "baseline", "combined", "fa", "kd"]
     assert len(runs) == 10 and runs["test_acc"].between(0, 1).all()
     print(f"smoke preset wall time: {wall:.0f}s")
+    check_teacher_measured(storage, text)
 
     # A second `run` finds every stage finished: no new trial, epoch or run rows.
     before = {t: len(part_files(str(Path(storage) / "smoke"), t)[2])
@@ -110,6 +112,38 @@ def test_smoke_preset_end_to_end_and_rerun_redoes_nothing(tmp_path, shared_data_
     after = {t: len(part_files(str(Path(storage) / "smoke"), t)[2])
              for t in ("epochs", "trials", "runs")}
     assert after == before
+
+
+def check_teacher_measured(storage: str, report_text: str) -> None:
+    """reproduce measured the study's teacher on the test set (``teacher.json``), the report
+    shows it, and a damaged ``teacher.json`` is measured again by the next ``reproduce``."""
+    from kdcore.evaluate import accuracy
+    from search.study import config_from_study_json, read_study_json
+    from search.teacher_task import load_cached
+    from search.trainable import frozen_teacher
+
+    study_dir = Path(storage) / "smoke"
+    measured = json.loads((study_dir / "teacher.json").read_text())
+    stored = read_study_json(storage, "smoke")
+    assert measured["hash"] == stored["teacher_hash"]
+    config = config_from_study_json(stored, {"storage": storage})
+    data = config.load_data()
+    state, _ = load_cached(config, data)
+    teacher = frozen_teacher(config, state, data.num_classes)
+    _, acc = accuracy(teacher, data.test_x, data.test_y, data.mean, data.std,
+                      precision=config.precision)
+    assert measured["test_acc"] == pytest.approx(acc, abs=1e-9)
+    assert len(data.test_y) == 500 and f"**{acc * 100:.2f}%** test accuracy" in report_text
+
+    runs_before = len(read_table(str(study_dir), "runs"))
+    (study_dir / "teacher.json").write_text('{"hash": ')
+    again = _kdsearch("reproduce", "--study", "smoke", "--storage", storage, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "teacher test_acc" in again.stdout
+    again_measured = json.loads((study_dir / "teacher.json").read_text())
+    for key in ("hash", "test_acc", "test_loss", "params"):  # latency is timed again
+        assert again_measured[key] == measured[key], key
+    assert len(read_table(str(study_dir), "runs")) == runs_before
 
 
 def test_train_command_checkpoints_and_resumes(tmp_path):
