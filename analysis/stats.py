@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -220,6 +220,20 @@ def best_configs(trials: pd.DataFrame, max_epochs: int | None = None) -> pd.Data
     return best.astype({c: trials[c].dtype for c in best.columns if c in trials})
 
 
+def group_term_epochs(epochs: pd.DataFrame, terms: Sequence[str]
+                      ) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(group, term, that group's epochs of its latest attempts) for every term whose weight
+    column exists, groups in the usual order."""
+    if epochs.empty or "group" not in epochs:
+        return
+    epochs = latest_attempt(epochs)
+    for group in ordered_groups(epochs["group"]):
+        sub = epochs[epochs["group"] == group]
+        for term in terms:
+            if f"cfg_w_{term}" in sub:
+                yield group, term, sub
+
+
 def health_check(epochs: pd.DataFrame, threshold: float = 0.01) -> pd.DataFrame:
     """Mean gradient share of each active loss term (weight > 0) per group.
 
@@ -227,24 +241,17 @@ def health_check(epochs: pd.DataFrame, threshold: float = 0.01) -> pd.DataFrame:
     such a term does not reach the student.
     """
     columns = ["group", "term", "mean_share", "n", "flagged"]
-    if epochs.empty or "group" not in epochs:
-        return pd.DataFrame(columns=columns)
-    epochs = latest_attempt(epochs)
     rows = []
-    for group in ordered_groups(epochs["group"]):
-        sub = epochs[epochs["group"] == group]
-        for term in TERMS:
-            weight, share = f"cfg_w_{term}", f"gshare_{term}"
-            if weight not in sub:
-                continue
-            active = sub[pd.to_numeric(sub[weight], errors="coerce") > 0]
-            if active.empty:
-                continue
-            values = pd.to_numeric(active.get(share, pd.Series(dtype=float)), errors="coerce")
-            mean = float(values.mean())
-            rows.append({"group": group, "term": term, "mean_share": mean,
-                         "n": int(values.notna().sum()),
-                         "flagged": bool(math.isnan(mean) or mean < threshold)})
+    for group, term, sub in group_term_epochs(epochs, TERMS):
+        weight, share = f"cfg_w_{term}", f"gshare_{term}"
+        active = sub[pd.to_numeric(sub[weight], errors="coerce") > 0]
+        if active.empty:
+            continue
+        values = pd.to_numeric(active.get(share, pd.Series(dtype=float)), errors="coerce")
+        mean = float(values.mean())
+        rows.append({"group": group, "term": term, "mean_share": mean,
+                     "n": int(values.notna().sum()),
+                     "flagged": bool(math.isnan(mean) or mean < threshold)})
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -262,31 +269,26 @@ def share_by_weight(epochs: pd.DataFrame) -> pd.DataFrame:
     weight and share. A share that stays near 0 (or near 1) across the whole range says the
     range is too low (or too high) to matter.
     """
-    if epochs.empty or "group" not in epochs:
-        return pd.DataFrame(columns=SHARE_COLUMNS)
-    epochs = latest_attempt(epochs)
     rows = []
-    for group in ordered_groups(epochs["group"]):
-        sub = epochs[epochs["group"] == group]
-        for term in TERMS[1:]:  # CE is the anchor term, not a distillation weight
-            weight, share = f"cfg_w_{term}", f"gshare_{term}"
-            if weight not in sub or share not in sub:
-                continue
-            per_trial = (sub.assign(w=pd.to_numeric(sub[weight], errors="coerce"),
-                                    s=pd.to_numeric(sub[share], errors="coerce"))
-                         .groupby("trial_id")[["w", "s"]].mean().dropna())
-            per_trial = per_trial[per_trial["w"] > 0].sort_values("w")
-            if len(per_trial) < 2 or per_trial["w"].nunique() < 2:
-                continue
-            varies = per_trial["s"].nunique() > 1
-            rho = sps.spearmanr(per_trial["w"], per_trial["s"]).statistic if varies else math.nan
-            rows.append({"group": group, "term": term, "trials": len(per_trial),
-                         "weight_min": per_trial["w"].iloc[0],
-                         "weight_max": per_trial["w"].iloc[-1],
-                         "share_at_min": per_trial["s"].iloc[0],
-                         "share_at_max": per_trial["s"].iloc[-1],
-                         "share_median": float(per_trial["s"].median()),
-                         "spearman": float(rho)})
+    for group, term, sub in group_term_epochs(epochs, TERMS[1:]):  # CE anchors, not tuned
+        weight, share = f"cfg_w_{term}", f"gshare_{term}"
+        if share not in sub:
+            continue
+        per_trial = (sub.assign(w=pd.to_numeric(sub[weight], errors="coerce"),
+                                s=pd.to_numeric(sub[share], errors="coerce"))
+                     .groupby("trial_id")[["w", "s"]].mean().dropna())
+        per_trial = per_trial[per_trial["w"] > 0].sort_values("w")
+        if len(per_trial) < 2 or per_trial["w"].nunique() < 2:
+            continue
+        varies = per_trial["s"].nunique() > 1
+        rho = sps.spearmanr(per_trial["w"], per_trial["s"]).statistic if varies else math.nan
+        rows.append({"group": group, "term": term, "trials": len(per_trial),
+                     "weight_min": per_trial["w"].iloc[0],
+                     "weight_max": per_trial["w"].iloc[-1],
+                     "share_at_min": per_trial["s"].iloc[0],
+                     "share_at_max": per_trial["s"].iloc[-1],
+                     "share_median": float(per_trial["s"].median()),
+                     "spearman": float(rho)})
     return pd.DataFrame(rows, columns=SHARE_COLUMNS)
 
 
