@@ -35,7 +35,7 @@ from .study import (
     overrides_from_args,
     read_study_json,
 )
-from .trainable import _teacher, cfg_columns, frozen_teacher, trial_settings
+from .trainable import _teacher, cfg_columns, frozen_teacher, quiet_normal_stop, trial_settings
 
 RAY_DIR = "ray"
 
@@ -233,6 +233,7 @@ def run_reproduce(
 def _tune_entry(config: dict, study: StudyConfig, data, teacher_state=None) -> None:
     from ray import tune
 
+    quiet_normal_stop()
     tune.report(reproduce_trial(config["run"], study, data, teacher_state))
 
 

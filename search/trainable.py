@@ -120,7 +120,7 @@ def fetch_shared(inputs: SharedInputs, study: StudyConfig,
     return _FETCHED["data"], _FETCHED["teacher"]
 
 
-def _quiet_normal_stop() -> None:
+def quiet_normal_stop() -> None:
     """Do not print a trace when Ray stops this worker process normally.
 
     Tune ends an idle worker with SIGTERM; Ray's handler raises ``SystemExit``, and when that
@@ -144,7 +144,7 @@ def train_trial(config: dict[str, Any], study: StudyConfig, inputs: SharedInputs
     import ray
     from ray import tune
 
-    _quiet_normal_stop()
+    quiet_normal_stop()
 
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)

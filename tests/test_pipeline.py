@@ -91,6 +91,8 @@ def test_smoke_preset_end_to_end_and_rerun_redoes_nothing(tmp_path, shared_data_
                      timeout=1500)
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr  # workers Ray stops normally print no trace
+    assert "Traceback" not in console and "SystemExit" not in console, console[-3000:]
     report = Path(storage) / "smoke" / "report" / "report.md"
     assert f"report: {report}" in proc.stdout
     text = report.read_text()
