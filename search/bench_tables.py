@@ -24,13 +24,13 @@ from pathlib import Path
 from analysis.constants import CFG_COLUMNS, GROUPS, TERMS
 
 from .sink import ParquetSink
+from .study import DEFAULT_SPACE
 
 MAX_EPOCHS, RUNGS, SEEDS, CONCURRENT = 30, (5, 10, 20), 5, 8
 ACTIVE = {"baseline": ("ce",), "kd": ("ce", "kl"), "fa": ("ce", "kl", "fa"),
           "at": ("ce", "kl", "at"), "combined": ("ce", "kl", "at", "fa")}
 # (low, high, log) of each searched parameter: the shape of the default space
-RANGES = {"T": (1.0, 16.0, True), "w_ce": (0.1, 1.0, False), "w_kl": (0.1, 2.0, False),
-          "w_at": (10.0, 5000.0, True), "w_fa": (0.01, 10.0, True), "mask_pct": (0.0, 90.0, False)}
+RANGES = {name: (r.low, r.high, r.log) for name, r in DEFAULT_SPACE.items()}
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "defocus_blur", "contrast", "jpeg")
 
 

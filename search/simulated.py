@@ -16,10 +16,11 @@ from collections.abc import Callable, Mapping
 
 from kdcore.config import TrialConfig
 
+from .study import DEFAULT_SPACE
+
 # A hidden optimum per parameter, as a fraction of the way through its default range.
 OPTIMUM = {"T": 0.5, "w_ce": 0.6, "w_kl": 0.5, "w_at": 0.55, "w_fa": 0.4, "mask_pct": 0.3}
-RANGES = {"T": (1.0, 16.0, True), "w_ce": (0.1, 1.0, False), "w_kl": (0.1, 2.0, False),
-          "w_at": (10.0, 5000.0, True), "w_fa": (0.01, 10.0, True), "mask_pct": (0.0, 90.0, False)}
+RANGES = {name: (r.low, r.high, r.log) for name, r in DEFAULT_SPACE.items()}
 
 
 def _position(name: str, value: float) -> float:

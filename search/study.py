@@ -47,7 +47,9 @@ DEFAULT_SPACE: dict[str, ParamRange] = {
     "w_ce": ParamRange(0.1, 1.0),
     "w_kl": ParamRange(0.1, 2.0),  # KL already carries T^2
     "w_at": ParamRange(10.0, 5000.0, log=True),  # Zagoruyko's beta/2 = 500 inside
-    "w_fa": ParamRange(0.01, 10.0, log=True),
+    # 0.3-10: in the laptop study w_fa below 0.3 gave FA under 2% of the student's gradient
+    # (effectively kd), above 10 over half of it (docs/RESULTS.md, "Search ranges").
+    "w_fa": ParamRange(0.3, 10.0, log=True),
     "mask_pct": ParamRange(0.0, 90.0, step=10.0),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from kdcore.models import CBAM, STAGES, build_model, count_parameters
@@ -128,3 +129,17 @@ def test_unknown_arch_and_stem_raise_value_error():
         build_model("resnet18", stem="tiny")
     with pytest.raises(ValueError, match="width"):
         build_model("resnet18", width=0.0)
+
+
+def test_cbam_matches_its_definition_with_adaptive_pooling():
+    """Channel attention from adaptive avg and max pooling through a shared MLP, then spatial
+    attention from the channel mean and max (Woo et al., 2018), written out by hand."""
+    torch.manual_seed(0)
+    cbam = CBAM(32).eval()
+    x = torch.randn(4, 32, 8, 8)
+    mlp = cbam.mlp
+    channel = torch.sigmoid(mlp(F.adaptive_avg_pool2d(x, 1)) + mlp(F.adaptive_max_pool2d(x, 1)))
+    y = x * channel
+    spatial = torch.sigmoid(cbam.spatial(torch.cat([y.mean(1, keepdim=True),
+                                                     y.max(1, keepdim=True).values], dim=1)))
+    torch.testing.assert_close(cbam(x), y * spatial, rtol=0, atol=1e-6)
