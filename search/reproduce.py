@@ -193,12 +193,13 @@ def run_reproduce(
         return 0
     data = config.load_data()
     teacher_state, meta = prepare_teacher(config, data, address)  # a bad file: refused before Ray
+    if runs:
+        init_ray(config, address)  # a bad address: refused before anything is written
     if teacher_state is not None and not stored_teacher_evaluation(config, meta["teacher_hash"]):
         doc = evaluate_teacher(config, data, teacher_state, meta["teacher_hash"])
         print(f"reproduce: teacher test_acc {doc['test_acc']:.4f} (teacher.json)", flush=True)
     if not runs:
         return 0
-    init_ray(config, address)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, study=config, data=data, teacher_state=teacher_state),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
