@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -89,11 +90,11 @@ def comparison_section(comparison: pd.DataFrame, data: object) -> list[str]:
     ]
 
 
-def teacher_section(teacher: Mapping[str, object], comparison: pd.DataFrame) -> list[str]:
+def teacher_section(teacher: Mapping[str, Any], comparison: pd.DataFrame) -> list[str]:
     """The teacher's test accuracy next to each group's mean, and the gap each group closed."""
     if not teacher or "test_acc" not in teacher or comparison.empty:
         return []
-    acc = float(str(teacher["test_acc"]))
+    acc = float(teacher["test_acc"])
     gaps = teacher_gap(comparison, acc)
     cbam = "with" if teacher.get("cbam") else "without"
     lines = [

@@ -117,12 +117,11 @@ def cmd_train(args) -> int:
 
 def bench_precisions(flag: str, device: str) -> list[str]:
     """The resolved precisions of ``--precision`` (comma-separated), duplicates dropped."""
-    from kdcore.precision import resolve_precision
+    from kdcore.precision import PRECISIONS, resolve_precision
 
     names = [p.strip() for p in flag.split(",") if p.strip()]
-    bad = [p for p in names if p not in ("auto", "fp32", "bf16")]
-    if bad or not names:
-        raise ValueError(f"--precision: expected auto, fp32 or bf16, got {flag!r}")
+    if not names or not set(names) <= set(PRECISIONS):
+        raise ValueError(f"--precision: expected a list of {', '.join(PRECISIONS)}, got {flag!r}")
     return list(dict.fromkeys(resolve_precision(p, device) for p in names))
 
 
