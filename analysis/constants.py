@@ -84,6 +84,17 @@ KEYS: dict[str, list[str]] = {
 """Primary key of each table; readers keep one row per key."""
 
 
+SPEED_FILE = "speed.json"
+"""A study's size and speed per architecture (``search.speed.measure_architectures``)."""
+
+
+def describe_arch(arch: object, width: object, cbam: object, stem: object) -> str:
+    """One line naming an architecture (``speed.json`` and the report), e.g.
+    ``resnet18 width 0.25, cifar stem, without CBAM``."""
+    width_text = f"{width:g}" if isinstance(width, int | float) else str(width)
+    return f"{arch} width {width_text}, {stem} stem, {'with' if cbam else 'without'} CBAM"
+
+
 def ordered_groups(groups: Iterable[object]) -> list[str]:
     """Distinct group names: canonical ones in canonical order, then any others sorted."""
     present = {str(g) for g in groups}

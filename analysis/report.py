@@ -10,22 +10,30 @@ from typing import Any
 import pandas as pd
 
 from analysis._io import atomic_write_text
-from analysis.constants import CFG_COLUMNS, USABLE_STATUSES, ordered_groups
+from analysis.constants import (
+    CFG_COLUMNS,
+    SPEED_FILE,
+    USABLE_STATUSES,
+    describe_arch,
+    ordered_groups,
+)
 from analysis.importance import MIN_TRIALS, param_importance
 from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
 from analysis.stats import (
     FULL,
     LONGEST,
     NONE,
+    ZERO_VARIANCE,
     best_configs,
     compare_groups,
     group_outcomes,
     health_check,
+    paired_tests,
     range_positions,
     share_by_weight,
     teacher_gap,
 )
-from analysis.tables import Study, load_study, resolve
+from analysis.tables import Study, load_study, read_config, resolve
 
 Formatter = Callable[[object], str]
 STATUSES: tuple[str, ...] = (*USABLE_STATUSES, "failed", "diverged")
@@ -66,28 +74,59 @@ def markdown_table(frame: pd.DataFrame, formats: Mapping[str, Formatter] | None 
     return "\n".join(lines)
 
 
-def comparison_section(comparison: pd.DataFrame, data: object) -> list[str]:
-    """Test accuracy over seeds per group, paired tests, the paper's numbers."""
+def comparison_section(comparison: pd.DataFrame, data: object,
+                       tests: pd.DataFrame | None = None) -> list[str]:
+    """Test accuracy over seeds per group, paired tests, the paper's numbers.
+
+    ``tests`` (:func:`analysis.stats.paired_tests`) gives the size of the Holm family and
+    the tests without a p-value, which a note names with the reason.
+    """
     dataset = f"`{data}`" if data else "an unrecorded dataset (study.json has no `data` key)"
     lines = ["## Test accuracy over seeds", ""]
     if comparison.empty:
         return [*lines, "No reproduced runs: there is nothing to compare yet.", ""]
+    tests = tests if tests is not None else pd.DataFrame(columns=["p", "no_p"])
+    m = int(tests["p"].notna().sum())
     formats: dict[str, Formatter] = {c: ACC for c in comparison.columns}
     formats |= {c: PVALUE for c in comparison.columns if c.startswith("p_")}
-    formats |= {"group": str, "n": fmt_float(".0f"), "params": fmt_float(".0f"),
-                "latency_ms_bs1": fmt_float(".3f")}
-    return [
-        *lines,
+    formats |= {"group": str, "n": fmt_float(".0f"), "params": fmt_float(".0f")}
+    lines += [
         f"Accuracies are test accuracies in percent on the dataset {dataset}, over seeds; "
         "`ci_low`/`ci_high` bound the 95% t confidence interval of the mean. `diff_vs_*` is "
         "the mean paired difference (percentage points) over seeds shared with the reference "
         "group, `p_vs_*` a paired t-test across those seeds, and `*_holm` the Holm-adjusted "
-        "p-value over every test in this table. `paper` is the paper's reported best "
-        "validation accuracy, shown for reference only.",
+        f"p-value over the {m} distinct paired test{'' if m == 1 else 's'} of this table "
+        "that have a p-value (each test once: `baseline` against `kd` is one test, shown in "
+        "both rows with the same p). `params` is the student's parameter count: every group "
+        "trains the same architecture (its speed: \"Size and speed (per architecture)\"). "
+        "`paper` is the paper's reported best validation accuracy, shown for reference only.",
         "",
         markdown_table(comparison, formats),
         "",
     ]
+    return [*lines, *undefined_p_note(tests)]
+
+
+def undefined_p_note(tests: pd.DataFrame) -> list[str]:
+    """A note naming each paired test without a p-value and why (empty when there is none)."""
+    missing = tests[tests["no_p"].fillna("") != ""] if "no_p" in tests else tests.iloc[0:0]
+    if missing.empty:
+        return []
+    lines = ["No p-value (`—`, and not in the Holm family) for:"]
+    for t in missing.itertuples(index=False):
+        pair = f"`{t.group}` against `{t.reference}`"
+        if t.no_p == ZERO_VARIANCE:
+            lines.append(f"- {pair} ({t.pairs} pairs): the paired differences have zero "
+                         f"variance (every shared seed gives {t.diff:+.2f} points), so the "
+                         "t statistic divides by zero and has no distribution; these seeds "
+                         "cannot say how uncertain the difference is.")
+        else:
+            lines.append(f"- {pair} ({t.pairs} shared seed{'' if t.pairs == 1 else 's'}): "
+                         "fewer than 2 pairs.")
+    lines.append("A paired t-test needs at least 2 pairs whose differences vary: with fewer "
+                 "than 2 pairs, or with paired differences of zero variance (equal up to "
+                 "rounding), it gives no p-value.")
+    return [*lines, ""]
 
 
 def teacher_section(teacher: Mapping[str, Any], comparison: pd.DataFrame) -> list[str]:
@@ -101,8 +140,8 @@ def teacher_section(teacher: Mapping[str, Any], comparison: pd.DataFrame) -> lis
         "## Teacher and students", "",
         f"Teacher: {teacher.get('arch')} width {teacher.get('width')} {cbam} CBAM, "
         f"{teacher.get('epochs')} epochs: **{acc * 100:.2f}%** test accuracy on the same test "
-        f"set ({fmt_count(teacher.get('params'))} parameters, "
-        f"{fmt_float('.3f')(teacher.get('latency_ms_bs1'))} ms per image at batch 1).",
+        f"set ({fmt_count(teacher.get('params'))} parameters; its speed: \"Size and speed "
+        "(per architecture)\").",
     ]
     base = gaps[gaps["group"] == "baseline"]
     if len(base):
@@ -120,6 +159,89 @@ def teacher_section(teacher: Mapping[str, Any], comparison: pd.DataFrame) -> lis
     return lines
 
 
+def read_speed(study_dir: str | Path) -> dict[str, Any]:
+    """The study's ``speed.json``, or ``{}`` where it has none (studies measured before it)."""
+    fs, root = resolve(study_dir)
+    return read_config(fs, f"{root}/{SPEED_FILE}")
+
+
+def fmt_spread(stats: Mapping[str, Any], spec: str) -> tuple[str, str]:
+    """(median, "q1–q3") of a :func:`kdcore.evaluate.spread` entry."""
+    cell = fmt_float(spec)
+    return cell(stats.get("median")), f"{cell(stats.get('q1'))}–{cell(stats.get('q3'))}"
+
+
+def speed_section(speed: Mapping[str, Any], config: Mapping[str, Any],
+                  teacher: Mapping[str, Any], runs: pd.DataFrame) -> list[str]:
+    """Size and speed of the study's architectures: from ``speed.json`` (measured once per
+    architecture, interleaved), never a per-group mean of per-run measurements."""
+    lines = ["## Size and speed (per architecture)", ""]
+    models = speed.get("models") or {}
+    if models:
+        batch = speed.get("large_batch")
+        rows = []
+        for role, entry in models.items():
+            latency, latency_iqr = fmt_spread(entry.get("latency_ms_bs1") or {}, ".3f")
+            rate, rate_iqr = fmt_spread(entry.get("images_per_s") or {}, ".0f")
+            rows.append({"role": role, "architecture": entry.get("arch"),
+                         "params": fmt_count(entry.get("params")),
+                         "latency_ms_bs1": latency, "latency_iqr": latency_iqr,
+                         f"images_per_s_bs{batch}": rate, "images_per_s_iqr": rate_iqr})
+        groups = (models.get("student") or {}).get("groups") or []
+        who = f" ({', '.join(f'`{g}`' for g in groups)})" if groups else ""
+        lines += [
+            f"Measured once per architecture (`{SPEED_FILE}`, `search.speed`) on "
+            f"`{speed.get('device')}` ({speed.get('device_name') or 'unnamed device'}), "
+            f"precision {speed.get('precision')}, {speed.get('torch_threads')} torch threads, "
+            "when no run competed: "
+            f"{speed.get('warmup')} warm-up forwards per model and batch size, then "
+            f"{speed.get('rounds')} rounds; in each round every model in turn timed "
+            f"{speed.get('repeats_bs1')} forwards at batch 1 as one block, then "
+            f"{speed.get('repeats_large')} at batch {batch} (the order rotating by one model "
+            "per round), so a load that comes and goes falls on every model in the same "
+            "rounds. Median over the rounds, with the interquartile range as the spread "
+            "(`*_iqr`: q1–q3); latency in ms per image at batch 1. Every group"
+            f"{who} trains this student: its size and speed do not differ between groups.",
+            "", markdown_table(pd.DataFrame(rows), {"role": str, "architecture": str}), ""]
+        return lines
+    rows = []
+    if config.get("student"):
+        params = pd.to_numeric(runs.get("params", pd.Series(dtype=float)), errors="coerce")
+        params = params.dropna().astype(int).unique()
+        counts = ("—" if len(params) == 0 else str(params[0]) if len(params) == 1
+                  else f"{params.min()}–{params.max()}")
+        rows.append({"role": "student",
+                     "architecture": describe_arch(config["student"],
+                                                   config.get("student_width", 1.0),
+                                                   config.get("student_cbam", False),
+                                                   config.get("stem", "cifar")),
+                     "params": counts})
+    spec = config.get("teacher") or {}
+    if spec.get("arch") or teacher.get("arch"):
+        rows.append({"role": "teacher",
+                     "architecture": describe_arch(
+                         spec.get("arch", teacher.get("arch")),
+                         spec.get("width", teacher.get("width")),
+                         spec.get("cbam", teacher.get("cbam")), config.get("stem", "cifar")),
+                     "params": fmt_count(teacher.get("params"))})
+    latency = pd.to_numeric(runs.get("latency_ms_bs1", pd.Series(dtype=float)),
+                            errors="coerce").dropna()
+    measured = (f"; {len(latency)} runs: {latency.min():.3f} to {latency.max():.3f} ms per "
+                "image at batch 1") if len(latency) else ""
+    lines += [
+        f"This study has no `{SPEED_FILE}` (size and speed measured once per architecture, "
+        "interleaved, after the runs). Its latency was measured per run under concurrent "
+        "load: each reproduce run timed its own student while other runs competed for the "
+        f"same cores (`latency_ms_bs1`, `images_per_s_bs256` in the `runs` table{measured}), "
+        "and the teacher once on its own (`teacher.json`). Those numbers differ by load, not "
+        "by architecture or group: they are not comparable between groups and are not "
+        "compared here. Every group trains the same student.", ""]
+    if rows:
+        lines += [markdown_table(pd.DataFrame(rows), {"role": str, "architecture": str,
+                                                      "params": str}), ""]
+    return lines
+
+
 def fmt_text(value: object) -> str:
     """A free-text cell: one line, no table-breaking pipes, at most 80 characters."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
@@ -131,7 +253,7 @@ def fmt_text(value: object) -> str:
 def budget_words(max_epochs: object) -> str:
     if max_epochs is None:
         return "the longest budget in the table (study.json has no `max_epochs`)"
-    return f"the study's full budget of {max_epochs} epochs"
+    return f"the study's full budget of {max_epochs} epochs (`max_epochs`)"
 
 
 def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
@@ -142,10 +264,13 @@ def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
     shown = outcomes.drop(columns=[c for c in CFG_COLUMNS if outcomes[c].isna().all()])
     shown = shown.assign(best_val_acc=pd.to_numeric(shown["best_val_acc"]) * 100)
     lines += [
-        f"Selected on validation accuracy (percent) among each group's trials that ran "
-        f"{budget_words(max_epochs)} (or ended earlier by their own early stopping, never "
-        f"by ASHA); no test metric is used. `basis` says where a row comes from: `{FULL}`; "
-        f"`{LONGEST}`: no trial of the group ran the full budget, so the best of its "
+        f"Selected on validation accuracy (percent) among each group's full-budget trials: "
+        f"those that ran {budget_words(max_epochs)} or stopped on their own validation-loss "
+        "patience (`early_stopped`). Early stopping is part of the training protocol, so an "
+        "early-stopped trial's best validation accuracy is the outcome of the full protocol "
+        "for its configuration, exactly what `kdsearch reproduce` runs; a trial cut short by "
+        "ASHA never counts, and no test metric is used. `basis` says where a row comes from: "
+        f"`{FULL}`; `{LONGEST}`: the group has no full-budget trial, so the best of its "
         "longest-running trials is shown for information only — not a tuned result, and "
         f"`kdsearch reproduce` does not use it; `{NONE}`: every trial failed or diverged "
         "(or none ran).",
@@ -157,9 +282,9 @@ def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
     ]
     for row in outcomes.itertuples(index=False):
         if row.basis == LONGEST:
-            lines.append(f"- `{row.group}`: no trial ran {budget_words(max_epochs)}; the row "
-                         f"shows the best of its longest trials ({fmt_count(row.epochs_run)} "
-                         "epochs).")
+            lines.append(f"- `{row.group}`: no trial ran {budget_words(max_epochs)} or "
+                         "stopped on its own validation-loss patience; the row shows the best "
+                         f"of its longest trials ({fmt_count(row.epochs_run)} epochs).")
         elif row.basis == NONE:
             lines.append(f"- `{row.group}`: no usable trial ({row.trials} trials, "
                          f"{row.failed} failed, {row.diverged} diverged); first error: "
@@ -322,13 +447,17 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     config = study.config
     groups = study_groups(study)
     comparison = compare_groups(study.runs, groups=groups)
+    tests = paired_tests(study.runs, groups)
     outcomes = group_outcomes(study.trials, config.get("max_epochs"), groups)
     title = f"# kdsearch report: {study.name or Path(str(study_dir)).name}"
     lines = [title, ""]
     if "max_epochs" in config:
         lines += [f"Epoch budget per trial: {config['max_epochs']}.", ""]
-    lines += comparison_section(comparison, config.get("data"))
+    lines += comparison_section(comparison, config.get("data"), tests)
     lines += teacher_section(study.teacher, comparison)
+    speed = read_speed(study_dir)
+    if speed or study.teacher or not study.runs.empty:
+        lines += speed_section(speed, config, study.teacher, study.runs)
     lines += best_section(outcomes, config.get("max_epochs"))
     lines += importance_section(study.trials, config.get("space") or {}, groups)
     lines += health_section(study.epochs, groups)

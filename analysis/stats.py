@@ -16,11 +16,23 @@ COMPARISON_COLUMNS: list[str] = [
     "group", "n", "mean", "std", "ci_low", "ci_high",
     "diff_vs_baseline", "p_vs_baseline", "p_vs_baseline_holm",
     "diff_vs_kd", "p_vs_kd", "p_vs_kd_holm",
-    "corrupt_acc_mean", "params", "latency_ms_bs1", "paper",
+    "corrupt_acc_mean", "params", "paper",
 ]
-"""Columns of :func:`compare_groups`; accuracies and differences are in percent."""
+"""Columns of :func:`compare_groups`; accuracies and differences are in percent.
+
+No latency column: every group trains the same student architecture, so latency is a
+property of the architecture, not of a group (``speed.json``, measured per architecture,
+and the report's "Size and speed (per architecture)" section)."""
 
 REFERENCES: tuple[str, ...] = ("baseline", "kd")
+
+TEST_COLUMNS: list[str] = ["group", "reference", "pairs", "diff", "p", "p_holm", "no_p"]
+"""Columns of :func:`paired_tests`: one row per distinct paired test."""
+FEW_PAIRS, ZERO_VARIANCE = "fewer than 2 pairs", "zero variance"
+"""Values of ``no_p``: why a paired test has no p-value (empty when it has one)."""
+ZERO_VARIANCE_RTOL = 1e-9
+"""Paired differences count as having zero variance when their sample std is at most
+``ZERO_VARIANCE_RTOL * max(1, |mean|)`` (in the differences' own unit, percentage points)."""
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -51,19 +63,35 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     return mean, std, mean - half, mean + half
 
 
-def paired(acc: pd.DataFrame, group: str, reference: str) -> tuple[float, float]:
-    """Mean paired difference (group − reference) and ``ttest_rel`` p over shared seeds."""
+def paired(acc: pd.DataFrame, group: str, reference: str) -> tuple[float, float, int, str]:
+    """(mean paired difference group − reference, ``ttest_rel`` p, pairs, why no p).
+
+    Over the seeds present in both columns of ``acc`` (a seed x group table). The p-value
+    is NaN, with the reason in the last element, where the test is undefined: fewer than 2
+    pairs (``FEW_PAIRS``), or paired differences with zero variance (``ZERO_VARIANCE``:
+    t = mean / 0 has no distribution, and scipy would return p ≈ 0 with a "catastrophic
+    cancellation" warning). Differences of percentages are equal only up to rounding
+    (52.4 − 44.0 and 60.8 − 52.4 differ by about 1e-14), so zero variance means a sample
+    std of at most ``ZERO_VARIANCE_RTOL * max(1, |mean|)`` (1e-9 of the mean difference,
+    at least 1e-9 points); paired differences that really differ do so by at least one test
+    image, 100 / N points (0.01 on 10,000 test images), far above it. The reason is empty
+    where p is defined (and for a group against itself or a missing column: diff and p are
+    then NaN).
+    """
     if group == reference or reference not in acc.columns or group not in acc.columns:
-        return math.nan, math.nan
+        return math.nan, math.nan, 0, ""
     both = acc[[group, reference]].dropna()
-    if both.empty:
-        return math.nan, math.nan
-    diff = float((both[group] - both[reference]).mean())
-    if len(both) < 2:
-        return diff, math.nan
+    d = (both[group] - both[reference]).to_numpy(dtype=float)
+    if d.size == 0:
+        return math.nan, math.nan, 0, FEW_PAIRS
+    diff = float(d.mean())
+    if d.size < 2:
+        return diff, math.nan, 1, FEW_PAIRS
+    if float(d.std(ddof=1)) <= ZERO_VARIANCE_RTOL * max(1.0, abs(diff)):
+        return diff, math.nan, int(d.size), ZERO_VARIANCE
     with np.errstate(divide="ignore", invalid="ignore"):
         p = float(sps.ttest_rel(both[group], both[reference]).pvalue)
-    return diff, p
+    return diff, p, int(d.size), ""
 
 
 def column_mean(frame: pd.DataFrame, column: str) -> float:
@@ -71,6 +99,41 @@ def column_mean(frame: pd.DataFrame, column: str) -> float:
     if column not in frame:
         return math.nan
     return float(pd.to_numeric(frame[column], errors="coerce").mean())
+
+
+def accuracy_by_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy in percent, one row per seed and one column per group with runs."""
+    acc = pd.to_numeric(runs["test_acc"], errors="coerce") * 100
+    return runs.assign(acc=acc).pivot_table(index="seed", columns="group", values="acc",
+                                            aggfunc="mean")
+
+
+def paired_tests(runs: pd.DataFrame, groups: Sequence[str] = ()) -> pd.DataFrame:
+    """Every distinct paired test of the comparison, once, with its Holm-adjusted p.
+
+    One row per unordered pair of a reference (``baseline``, ``kd``) and another group with
+    runs: ``group`` − ``reference`` over their shared seeds (:func:`paired`). ``baseline``
+    vs ``kd`` is one test, listed once as ``kd`` − ``baseline``. ``p_holm`` adjusts over
+    the tests that have a p-value (``no_p`` empty); a test without one (fewer than 2 pairs,
+    zero variance) is not in the family.
+    """
+    if runs.empty or "test_acc" not in runs:
+        return pd.DataFrame(columns=TEST_COLUMNS)
+    acc = accuracy_by_seed(runs)
+    names = [g for g in ordered_groups([*groups, *runs["group"]]) if g in acc.columns]
+    rows, seen = [], set()
+    for reference in REFERENCES:
+        for group in names:
+            pair = frozenset((group, reference))
+            if reference not in acc.columns or group == reference or pair in seen:
+                continue
+            seen.add(pair)
+            diff, p, pairs, why = paired(acc, group, reference)
+            rows.append({"group": group, "reference": reference, "pairs": pairs, "diff": diff,
+                         "p": p, "no_p": why})
+    tests = pd.DataFrame(rows, columns=[c for c in TEST_COLUMNS if c != "p_holm"])
+    tests.insert(TEST_COLUMNS.index("p_holm"), "p_holm", holm(tests["p"].to_numpy(float)))
+    return tests
 
 
 def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
@@ -81,13 +144,18 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
     all), so that no group vanishes from the comparison.
 
     Differences are the mean paired difference over seeds present in both groups; p-values
-    come from a paired t-test across those seeds (NaN below 2 pairs or against itself);
-    the ``*_holm`` columns are Holm-adjusted over every p-value in the table together.
+    come from a paired t-test across those seeds (:func:`paired`: NaN below 2 pairs, for
+    paired differences with zero variance, or against itself). The ``*_holm`` columns are
+    Holm-adjusted over the distinct tests of :func:`paired_tests`: each test once, so
+    ``baseline``'s ``p_vs_kd`` and ``kd``'s ``p_vs_baseline`` (one test) show the same
+    adjusted p, and a test without a p-value is not in the family. ``params`` is the mean
+    parameter count of the group's runs (the same architecture in every group); latency is
+    not a column (:data:`COMPARISON_COLUMNS`).
     """
     if runs.empty or "test_acc" not in runs:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
     runs = runs.assign(acc=pd.to_numeric(runs["test_acc"], errors="coerce") * 100)
-    acc = runs.pivot_table(index="seed", columns="group", values="acc", aggfunc="mean")
+    tests = {(t.group, t.reference): t for t in paired_tests(runs, groups).itertuples()}
     rows = []
     for group in ordered_groups([*groups, *runs["group"]]):
         sub = runs[runs["group"] == group]
@@ -95,18 +163,17 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
         row = {"group": group, "n": int(sub["acc"].notna().sum()), "mean": mean, "std": std,
                "ci_low": low, "ci_high": high}
         for ref in REFERENCES:
-            row[f"diff_vs_{ref}"], row[f"p_vs_{ref}"] = paired(acc, group, ref)
+            test, sign = tests.get((group, ref)), 1.0
+            if test is None and (ref, group) in tests:
+                test, sign = tests[(ref, group)], -1.0
+            row[f"diff_vs_{ref}"] = sign * test.diff if test is not None else math.nan
+            row[f"p_vs_{ref}"] = test.p if test is not None else math.nan
+            row[f"p_vs_{ref}_holm"] = test.p_holm if test is not None else math.nan
         row["corrupt_acc_mean"] = column_mean(sub, "corrupt_acc_mean") * 100
         row["params"] = column_mean(sub, "params")
-        row["latency_ms_bs1"] = column_mean(sub, "latency_ms_bs1")
         row["paper"] = float(paper.get(group, math.nan))
         rows.append(row)
-    table = pd.DataFrame(rows)
-    p_columns = [f"p_vs_{ref}" for ref in REFERENCES]
-    adjusted = holm(table[p_columns].to_numpy().ravel()).reshape(len(table), len(p_columns))
-    for i, column in enumerate(p_columns):
-        table[f"{column}_holm"] = adjusted[:, i]
-    return table[COMPARISON_COLUMNS]
+    return pd.DataFrame(rows)[COMPARISON_COLUMNS]
 
 
 def teacher_gap(comparison: pd.DataFrame, teacher_test_acc: float) -> pd.DataFrame:
@@ -137,8 +204,12 @@ FULL, LONGEST, NONE = "full budget", "LONGEST ONLY", "NO USABLE TRIAL"
 
 
 def full_budget(trials: pd.DataFrame, max_epochs: int | None = None) -> pd.Series:
-    """Which usable trials ran the full epoch budget: ``epochs_run >= max_epochs``, or
-    stopped by their own early stopping (patience: not cut short by ASHA).
+    """Which usable trials are full-budget trials: they ran ``max_epochs`` epochs, or
+    stopped on their own validation-loss patience (``early_stopped``).
+
+    Early stopping is part of the training protocol, so an ``early_stopped`` trial's
+    ``best_val_acc`` is the outcome of the full protocol for its configuration, exactly
+    what ``reproduce`` runs; a trial cut short by ASHA (``asha_stopped``) is not.
 
     ``max_epochs`` is the study's budget (``study.json``); None takes the longest
     ``epochs_run`` of the whole table, never a per-group maximum.

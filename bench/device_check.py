@@ -6,7 +6,9 @@ from the start, planned for an H100), and each writes its results under ``$OUT``
 as it ends; a stage past its deadline is killed with its whole process group and the
 next stage starts, so the call always ends by the plan's last deadline with what it has.
 
-Stages: ``device`` (card, driver, versions), ``cuda-tests`` (``pytest -m cuda tests``),
+Stages: ``device`` (card, driver, versions), ``cuda-tests`` (``pytest -m cuda`` over the
+test files that hold ``cuda``-marked tests, ``cuda_test_files``: the image has no Ray, and the
+other files, which need it, are not collected),
 ``bench`` (all five groups, device feed vs DataLoader, K = 1, plus the ResNet-50 rate
 the teacher plan needs), ``bench-k`` (K = 2 and 4 processes sharing the GPU),
 ``bench-compile`` (``torch.compile`` on), ``ministudy`` (``search.ministudy``: the paper's
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +55,22 @@ PLAN = {
     "report": (340, 540),
 }
 REAL, DRY = 0, 1
+
+# A ``cuda`` mark on a test (``@pytest.mark.cuda``) or on a whole module (``pytestmark``).
+CUDA_MARK = re.compile(r"^\s*(@pytest\.mark\.cuda\b|pytestmark\b.*\bcuda\b)", re.MULTILINE)
+
+
+def cuda_test_files(tests: Path = REPO / "tests") -> list[str]:
+    """The test files (relative to the repository) that hold ``cuda``-marked tests.
+
+    Found by reading the files, not by importing them: pytest imports every module it
+    collects before ``-m cuda`` deselects anything, and the modules that need Ray or Optuna
+    (absent on the device image) would fail the stage. The CUDA tests themselves need
+    neither; ``tests/test_device_check.py`` checks that this list is the files of pytest's own
+    ``-m cuda`` selection (where Ray is installed, as in CI).
+    """
+    return sorted(str(f.relative_to(REPO)) for f in tests.glob("test_*.py")
+                  if CUDA_MARK.search(f.read_text()))
 
 
 class Check:
@@ -154,10 +173,16 @@ def stage_device(c: Check) -> None:
 
 def stage_tests(c: Check) -> None:
     out = c.out / "cuda-tests.txt"
-    # A test module that fails to import (say, one that needs Ray) fails the stage but does
-    # not stop the CUDA tests of the other modules from running.
+    files = cuda_test_files()
+    if not files:  # pytest without files would collect the whole suite
+        out.write_text("no test file holds cuda-marked tests\n")
+        c.log("cuda-tests: FAILED, no test file holds cuda-marked tests")
+        c.stages.append({"stage": "cuda-tests", "argv": [], "rc": 5, "timed_out": False})
+        return
+    # Only the files with CUDA tests (see cuda_test_files); one that fails to import fails
+    # the stage but does not stop the CUDA tests of the others from running.
     c.run("cuda-tests", [c.py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                         "--continue-on-collection-errors", "tests"], out)
+                         "--continue-on-collection-errors", *files], out)
 
 
 def _bench(c: Check, stage: str, extra: list[str], tags: dict, env: dict | None = None) -> None:

@@ -20,8 +20,13 @@ GROUP_TERMS: dict[str, tuple[str, ...]] = {
     "combined": ("ce", "kl", "fa", "at"),
 }
 
-# Default weights of a group's terms before any tuning (AT: Zagoruyko's beta/2 = 500).
-DEFAULT_WEIGHTS = {"ce": 1.0, "kl": 1.0, "at": 500.0, "fa": 1.0}
+# Default weights of a group's terms before any tuning. AT: the attention-transfer codes
+# (Zagoruyko & Komodakis' cifar.py `--beta 1e3`, RepDistiller `-b 1000`, mdistiller
+# FEAT_WEIGHT 1000) apply beta = 1000 to each stage's loss (a mean of squared differences of
+# normalized maps, as here) and sum over the stages; kdcore averages over its 3 stages, so
+# their setting is w_at = 3 x 1000 = 3000 here. (The paper's equation writes beta/2; the
+# code applies beta.)
+DEFAULT_WEIGHTS = {"ce": 1.0, "kl": 1.0, "at": 3000.0, "fa": 1.0}
 MASKED_TERMS = ("at", "fa")
 
 

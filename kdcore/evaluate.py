@@ -11,8 +11,9 @@ pass here, as in training: corruptions are applied in fp32, the model runs under
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,21 @@ def robustness(
     return rows
 
 
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def _block_seconds(model: nn.Module, x: Tensor, forwards: int, sync: Callable[[], None],
+                   clock: Callable[[], float]) -> float:
+    """Wall seconds of ``forwards`` forward passes of ``model`` on ``x``, timed as one block."""
+    sync()
+    t0 = clock()
+    for _ in range(forwards):
+        model(x)
+    sync()
+    return clock() - t0
+
+
 @torch.no_grad()
 def speed(
     model: nn.Module,
@@ -143,21 +159,19 @@ def speed(
     large_batch: int = 256,
     precision: str = "auto",
 ) -> dict:
-    """Median latency per sample at batch 1 (ms) and throughput at ``large_batch`` (images/s)."""
+    """Median latency per sample at batch 1 (ms) and throughput at ``large_batch`` (images/s).
+
+    One model measured on its own: whatever else runs on the machine at that moment is in
+    the number. To compare models, use :func:`measure_interleaved`.
+    """
     model = model.to(device).eval()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = _sync(device)
 
     def median_seconds(batch: int, n: int) -> float:
         x = torch.randn(batch, *image_shape, device=device)
         with autocast(precision, device):
             model(x)  # warm-up
-            times = []
-            for _ in range(n):
-                sync()
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                times.append(time.perf_counter() - t0)
+            times = [_block_seconds(model, x, 1, sync, time.perf_counter) for _ in range(n)]
         return sorted(times)[len(times) // 2]
 
     return {
@@ -165,6 +179,83 @@ def speed(
         f"images_per_s_bs{large_batch}": large_batch
         / median_seconds(large_batch, max(3, repeats // 5)),
     }
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by linear interpolation between order statistics
+    (numpy's default): position ``q * (n - 1)`` of the sorted values."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, quartiles (q1, q3), min and max of per-round values, and the values in order."""
+    return {"median": quantile(values, 0.5), "q1": quantile(values, 0.25),
+            "q3": quantile(values, 0.75), "min": min(values), "max": max(values),
+            "rounds": list(values)}
+
+
+@torch.no_grad()
+def measure_interleaved(
+    models: Mapping[str, nn.Module],
+    image_shape=(3, 32, 32),
+    device: str = "cpu",
+    rounds: int = 7,
+    repeats: int = 5,
+    large_batch: int = 256,
+    large_repeats: int = 1,
+    warmup: int = 2,
+    precision: str = "auto",
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, dict]:
+    """Latency at batch 1 and throughput at ``large_batch`` of several models, interleaved.
+
+    Measuring models one after the other puts whatever else the machine does at that time
+    into one model's number only (two runs of the same architecture measured 6.6 and 2.0 ms
+    per image while other runs competed for the cores). Here every model is warmed up
+    (``warmup`` untimed forwards at each batch size), then ``rounds`` rounds run; in each
+    round every model, in turn, times ``repeats`` forwards at batch 1 as one block, then
+    every model times ``large_repeats`` forwards at ``large_batch``. The order rotates by
+    one model per round (round r starts with model r mod n), so no model always runs first
+    or right after the large batches. A load that comes and goes then falls on all models
+    in the same rounds.
+
+    Returns, per model name: ``latency_ms_bs1`` (ms per image at batch 1: block seconds /
+    ``repeats``) and ``images_per_s`` (``large_batch`` x ``large_repeats`` / block seconds),
+    each as :func:`spread` over the rounds (median, q1, q3, min, max, per-round values),
+    plus ``large_batch``. ``clock`` (seconds) is there for tests.
+    """
+    if rounds < 1 or repeats < 1 or large_repeats < 1 or warmup < 0 or not models:
+        raise ValueError("measure_interleaved: needs models, rounds, repeats and "
+                         f"large_repeats >= 1, warmup >= 0 (got {len(models)} models, "
+                         f"{rounds}, {repeats}, {large_repeats}, {warmup})")
+    names = list(models)
+    nets = {name: models[name].to(device).eval() for name in names}
+    sync = _sync(device)
+    small = torch.randn(1, *image_shape, device=device)
+    large = torch.randn(large_batch, *image_shape, device=device)
+    latency: dict[str, list[float]] = {name: [] for name in names}
+    throughput: dict[str, list[float]] = {name: [] for name in names}
+    with autocast(precision, device):
+        for name in names:
+            for x in (small, large):
+                for _ in range(warmup):
+                    nets[name](x)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                seconds = _block_seconds(nets[name], small, repeats, sync, clock)
+                latency[name].append(1000 * seconds / repeats)
+            for name in order:
+                seconds = _block_seconds(nets[name], large, large_repeats, sync, clock)
+                images = large_batch * large_repeats
+                throughput[name].append(images / seconds if seconds > 0 else math.inf)
+    return {name: {"latency_ms_bs1": spread(latency[name]),
+                   "images_per_s": spread(throughput[name]), "large_batch": large_batch}
+            for name in names}
 
 
 def evaluate_student(

@@ -1,8 +1,13 @@
 """The teacher: trained once with the same loop (CE only) and cached by a content hash.
 
-The hash covers the teacher's config and the dataset fingerprint, so a study (or several)
-with the same teacher and data reuses one file; where and how fast it trains (``device``,
-``precision``) is left out. Files load with ``weights_only=True``.
+The hash (``TeacherConfig.content_hash``) covers the whole ``TrialConfig`` the teacher trains
+with (its own settings and the ``TrialConfig`` defaults it inherits: momentum, weight decay,
+...), its precision resolved on its device (``auto`` on a CPU with bf16 is ``bf16``) and the
+dataset fingerprint, so a study (or several) with the same teacher and data reuses one file
+and an fp32 study never reuses a bf16 teacher; only ``device`` is left out. Keys written
+before precision and the defaults were hashed (``legacy_hash``) stay readable: a stored
+study keeps the teacher it recorded (``TeacherConfig.cache_keys``, ``search.teacher_task``).
+Files load with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from .config import TrialConfig
 from .data import Dataset
 from .models import build_model
+from .precision import PRECISIONS, resolve_precision
 from .train import fit
 
 
@@ -61,10 +67,50 @@ class TeacherConfig:
         )
 
     def content_hash(self, data: Dataset) -> str:
-        """Hash of everything that determines the teacher's weights (device, precision excluded)."""
-        runtime = ("device", "precision")
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        """Hash of everything that determines the teacher's weights: the cache key.
+
+        It hashes every field of ``trial_config()`` except ``device`` (no hand list: the
+        ``TrialConfig`` defaults the teacher trains with, such as momentum and weight decay,
+        and any field added later are in), with ``precision`` resolved to what it means on
+        the teacher's device (``kdcore.precision.resolve_precision``: ``auto`` on a CPU with
+        bf16, or on CUDA, is ``bf16``), and the dataset fingerprint. Precision goes in: it is
+        part of the recipe (a study setting), and bf16 autocast rounds the inputs of every
+        convolution and matrix product to 8 significant bits, so the teacher trains along
+        another trajectory to other weights; an fp32 study must not silently get a bf16
+        teacher. ``device`` stays out: it says where the recipe runs, not what it is; at one
+        precision two devices run the same computation and differ only in numerics (the
+        order of floating-point sums, cuDNN's choice of kernels), as two runs on one GPU
+        already do, so a teacher trained on a GPU serves the same study on a CPU.
+        """
+        return self._hash_with(resolve_precision(self.precision, self.device), data)
+
+    def legacy_hash(self, data: Dataset) -> str:
+        """The cache key before issue 16 (precision and the ``TrialConfig`` defaults left out).
+
+        Only for finding the teacher of a study stored with it; new files never use it.
+        """
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("device", "precision")}
         blob = json.dumps({"teacher": fields, "data": data.fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def cache_keys(self, data: Dataset) -> tuple[str, ...]:
+        """Every key a stored teacher of this config can carry, ``content_hash`` first.
+
+        ``auto`` also accepts the other resolution (a teacher trained on a node whose CPU
+        resolves ``auto`` differently from this one's), then ``legacy_hash``.
+        """
+        keys = [self.content_hash(data)]
+        if self.precision == "auto":
+            keys += [self._hash_with(p, data) for p in PRECISIONS if p != "auto"]
+        keys.append(self.legacy_hash(data))
+        return tuple(dict.fromkeys(keys))
+
+    def _hash_with(self, precision: str, data: Dataset) -> str:
+        fields = self.trial_config().to_dict()
+        del fields["device"]
+        fields["precision"] = precision
+        blob = json.dumps({"trial": fields, "data": data.fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -185,10 +185,10 @@ def cmd_bench(args) -> int:
 
 def cmd_teacher(args) -> int:
     """Train the study's teacher once (or load it from the cache) and print where it is."""
-    from .reproduce import resolve_study
+    from .study import resolve_study
     from .tune import prepare_teacher
 
-    config = resolve_study(args)
+    config, _ = resolve_study(args)
     data = config.load_data()
     _, meta = prepare_teacher(config, data, args.address)
     if not meta:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from .reproduce import resolve_study, run_reproduce
-from .study import StudyConfig, read_study_json
+from .reproduce import record_if_changed, run_reproduce
+from .study import StudyConfig, read_study_json, resolve_study
 from .tune import print_summary, run_tune
 
 
@@ -40,5 +40,10 @@ def run_pipeline(config: StudyConfig, address: str | None = None,
 
 
 def cmd_run(args) -> int:
-    run_pipeline(resolve_study(args), args.address, args.optuna_storage)
+    """``kdsearch run``: a stored study continues with the settings given now (more samples
+    or seeds grow it; ``study.settle``), else a new one starts."""
+    config, stored = resolve_study(args)
+    if stored is not None:
+        record_if_changed(config, stored)
+    run_pipeline(config, args.address, args.optuna_storage)
     return 0

@@ -20,20 +20,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from analysis.constants import SPEED_FILE
 from analysis.stats import best_configs
 from kdcore.evaluate import evaluate_student
 from kdcore.train import fit
 
 from . import fsutil
 from .sink import CFG, ParquetSink, read_table
+from .speed import measure_architectures
 from .study import (
     StudyConfig,
+    check_same_data,
     config_from_study_json,
-    environment_settings,
     group_params,
-    load_study_config,
-    overrides_from_args,
     read_study_json,
+    record_settings,
+    resolve_study,
 )
 from .trainable import _teacher, cfg_columns, frozen_teacher, quiet_normal_stop, trial_settings
 
@@ -174,10 +176,9 @@ def _callback(config: StudyConfig):
 def run_reproduce(
     config: StudyConfig, address: str | None = None, groups: tuple[str, ...] | None = None
 ) -> int:
-    """Run every missing (group, seed) of ``config``; returns how many runs were executed."""
-    from ray import tune
-
-    from .tune import init_ray, needs_teacher, prepare_teacher
+    """Run every missing (group, seed) of ``config``, measure the teacher on the test set and
+    size and speed per architecture; returns how many runs were executed."""
+    from .tune import init_ray, needs_teacher, prepare_teacher, quiet_ray
 
     groups = groups or config.groups
     runs = planned_runs(config, groups)
@@ -187,19 +188,38 @@ def run_reproduce(
         "finished runs are kept)",
         flush=True,
     )
-    teacher_hash = (read_study_json(config.storage, config.study) or {}).get("teacher_hash")
-    measured = not needs_teacher(config) or stored_teacher_evaluation(config, teacher_hash)
-    if not runs and measured:
+    stored = read_study_json(config.storage, config.study) or {}
+    measured = (not needs_teacher(config)
+                or stored_teacher_evaluation(config, stored.get("teacher_hash")))
+    timed = fsutil.exists(fsutil.join(config.study_dir, SPEED_FILE))
+    if not runs and measured and timed:
         return 0
     data = config.load_data()
+    check_same_data(stored, data.fingerprint, config.data)
     teacher_state, meta = prepare_teacher(config, data, address)  # a bad file: refused before Ray
     if runs:
+        quiet_ray()
         init_ray(config, address)  # a bad address: refused before anything is written
     if teacher_state is not None and not stored_teacher_evaluation(config, meta["teacher_hash"]):
         doc = evaluate_teacher(config, data, teacher_state, meta["teacher_hash"])
         print(f"reproduce: teacher test_acc {doc['test_acc']:.4f} (teacher.json)", flush=True)
-    if not runs:
-        return 0
+    if runs:
+        _run_all(config, runs, groups, data, teacher_state)
+    # Size and speed once per architecture, interleaved, while no run competes for the CPUs.
+    measure_architectures(config, data, teacher_state,
+                          threads=max(1, int(config.cpus_per_trial)))
+    print(f"reproduce: size and speed per architecture in {SPEED_FILE}", flush=True)
+    return len(runs)
+
+
+def _run_all(config: StudyConfig, runs: list[dict], groups: tuple[str, ...], data,
+             teacher_state: dict | None) -> None:
+    """Every run of ``runs`` as one Tune trial; rows written as runs finish, then compacted."""
+    from ray import tune
+
+    from .progress import RunsProgress
+    from .tune import cluster_slots
+
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, study=config, data=data, teacher_state=teacher_state),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
@@ -213,9 +233,7 @@ def run_reproduce(
             storage_path=f"{config.study_dir}/{RAY_DIR}",
             failure_config=tune.FailureConfig(max_failures=2),
             callbacks=[_callback(config)],
-            progress_reporter=tune.CLIReporter(
-                metric_columns={"test_acc": "test_acc"}, max_report_frequency=30,
-                max_progress_rows=10),
+            progress_reporter=RunsProgress(groups, cluster_slots(config)),
             verbose=1,
         ),
     )
@@ -228,7 +246,6 @@ def run_reproduce(
             f"reproduce: {results.num_errors} of {len(runs)} runs failed; "
             "rerun `kdsearch reproduce` to retry them"
         )
-    return len(runs)
 
 
 def _tune_entry(config: dict, study: StudyConfig, data, teacher_state=None) -> None:
@@ -238,28 +255,26 @@ def _tune_entry(config: dict, study: StudyConfig, data, teacher_state=None) -> N
     tune.report(reproduce_trial(config["run"], study, data, teacher_state))
 
 
-def resolve_study(args) -> StudyConfig:
-    """The study's stored config (``study.json``) with runtime flags applied, else a new one."""
-    overrides = overrides_from_args(args)
-    base = load_study_config(
-        getattr(args, "preset", None), getattr(args, "config", None), overrides,
-        environment_settings(),
-    )
-    fsutil.check_storage(base.storage)
-    stored = read_study_json(base.storage, base.study)
-    if stored is None:
-        return base
-    return config_from_study_json(stored, {**overrides, "storage": base.storage})
-
-
 def cmd_reproduce(args) -> int:
-    config = resolve_study(args)
-    if read_study_json(config.storage, config.study) is None:
+    """``kdsearch reproduce``: the stored study with the settings given now (``--seeds`` may
+    grow it; ``study.settle``), recorded in ``study.json``, then every missing run."""
+    config, stored = resolve_study(args, ignore=("groups",))  # --group filters, not a setting
+    if stored is None:
         raise ValueError(
             f"study: {config.study!r} has no study.json under {config.storage}; "
             "run `kdsearch tune` first"
         )
+    record_if_changed(config, stored)
     groups = None if args.group in (None, "all") else (args.group,)
     n = run_reproduce(config, args.address, groups)
     print(f"reproduce: {n} runs written to {config.study_dir}/runs", flush=True)
     return 0
+
+
+def record_if_changed(config: StudyConfig, stored: dict[str, Any]) -> None:
+    """Record in ``study.json`` the settings that changed on a stored study (e.g. seeds)."""
+    before = config_from_study_json(stored).to_dict()
+    after = config.to_dict()
+    if {k: v for k, v in before.items() if k != "storage"} != {
+            k: v for k, v in after.items() if k != "storage"}:
+        record_settings(config, stored)

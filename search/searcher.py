@@ -23,6 +23,15 @@ The searcher's own state (which Tune trial is which Optuna trial) is saved as JS
 experiment state; on ``--resume`` the same Optuna studies continue, and Optuna trials that
 were asked for but never reached Tune's saved state are marked ``FAIL`` (attribute
 ``orphaned``), so no configuration counts twice.
+
+A resumed search can replay a trial whose Optuna trial is already finished (the driver died
+after the trial ended but before Tune saved its state) or re-run one that errored (Optuna
+``FAIL``). Optuna never reopens a finished trial, so nothing more is reported to it; when the
+trial ends with another outcome than Optuna holds, a new Optuna trial with the same
+parameters and the true outcome is added, with the user attribute ``supersedes`` (the
+number it replaces). The Optuna trial of a Tune trial is therefore the latest one carrying
+its ``trial_id`` (``latest_outcomes``), and ``reconcile`` makes that agree with the
+``trials`` table once the search is done.
 """
 
 from __future__ import annotations
@@ -40,14 +49,35 @@ from .study import StudyConfig
 METRIC = "val_acc"
 
 
+def optuna_outcome(status: str, best_val_acc: float | None) -> tuple[str, float | None]:
+    """(Optuna state name, value) that a kdsearch trial status is told as (module docstring)."""
+    if status in ("completed", "early_stopped"):
+        return "COMPLETE", float(best_val_acc)
+    if status == "asha_stopped":
+        return "PRUNED", None
+    if status == "diverged":
+        return "COMPLETE", 0.0
+    return "FAIL", None
+
+
+def _agrees(trial, state: str, value: float | None) -> bool:
+    """Whether the Optuna ``trial`` (a FrozenTrial) holds ``state`` and ``value``."""
+    if trial.state.name != state:
+        return False
+    return value is None or (trial.value is not None and abs(trial.value - value) <= 1e-9)
+
+
 class GroupSearcher(Searcher):
     """Proposes the trials of every group of ``config``; see the module docstring."""
 
-    def __init__(self, config: StudyConfig, optuna_storage: str):
+    def __init__(self, config: StudyConfig, optuna_storage: str,
+                 started: dict[str, int] | None = None):
         super().__init__(metric=METRIC, mode="max")
         self.config = config
         self.optuna_storage = optuna_storage
-        self.started = {g: 0 for g in config.groups}  # trials handed out per group
+        # trials handed out per group (``started``: by earlier experiments of a grown search)
+        self.started = {g: int((started or {}).get(g, 0)) for g in config.groups}
+        self.late: dict[str, dict[int, float]] = {}  # values Optuna could no longer take
         self.live: dict[str, tuple[str, int]] = {}  # Tune trial id -> (group, Optuna number)
         self._studies: dict[str, Any] = {}  # opened lazily; never pickled
         self._trials: dict[str, Any] = {}  # Tune trial id -> optuna.Trial (a handle)
@@ -85,11 +115,38 @@ class GroupSearcher(Searcher):
 
             group, number = self.live[trial_id]
             study = self._study(group)
-            storage = study._storage  # the storage object Optuna built from the URL
-            study_id = storage.get_study_id_from_name(group)
-            optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            self._trials[trial_id] = optuna.Trial(study, optuna_id)
+            self._trials[trial_id] = optuna.Trial(study, self._frozen(group, number)._trial_id)
         return self._trials[trial_id]
+
+    def _frozen(self, group: str, number: int):
+        """The stored state of Optuna trial ``number`` of ``group`` (a FrozenTrial)."""
+        storage = self._study(group)._storage  # the storage object Optuna built from the URL
+        study_id = storage.get_study_id_from_name(group)
+        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id,
+                                                                                 number))
+
+    def _running(self, trial_id: str) -> bool:
+        import optuna
+
+        group, number = self.live[trial_id]
+        return self._frozen(group, number).state == optuna.trial.TrialState.RUNNING
+
+    def _lookup(self, trial_id: str) -> tuple[str, int] | None:
+        """(group, Optuna number) of a Tune trial: live, or re-run by a resume after it ended
+        (its latest Optuna trial, found by the ``trial_id`` attribute); None for the baseline."""
+        if trial_id not in self.live:
+            for group in self.config.groups:
+                if group == "baseline":
+                    continue
+                mine = [t for t in self._study(group).get_trials(deepcopy=False)
+                        if t.user_attrs.get("trial_id") == trial_id]
+                if mine:
+                    self.live[trial_id] = (group, max(t.number for t in mine))
+                    break
+            else:
+                self.live[trial_id] = ("baseline", -1)  # none: a baseline seed, not looked up again
+        group, number = self.live[trial_id]
+        return None if group == "baseline" else (group, number)
 
     def _fail_orphans(self) -> None:
         """Mark Optuna trials that are RUNNING but belong to no live Tune trial as FAIL."""
@@ -103,8 +160,7 @@ class GroupSearcher(Searcher):
             study = self._study(group)
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 if (group, t.number) not in mine:
-                    optuna.Trial(study, t._trial_id).set_user_attr("orphaned", True)
-                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                    fail_orphan(study, t)
 
     # -- Tune's searcher interface ---------------------------------------------------------
 
@@ -127,11 +183,15 @@ class GroupSearcher(Searcher):
         return {"group": group, **trial.params}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        group, _ = self.live.get(trial_id, ("baseline", -1))
-        if group == "baseline" or not result or result.get("diverged") or result.get("replayed"):
+        if not result or result.get("diverged") or result.get("replayed"):
             return
         value, epoch = result.get(METRIC), result.get("epoch")
         if value is None or epoch is None or not math.isfinite(float(value)):
+            return
+        if self._lookup(trial_id) is None:
+            return
+        if not self._running(trial_id):  # a replayed or re-run trial: Optuna has its outcome
+            self.late.setdefault(trial_id, {})[int(epoch)] = float(value)
             return
         trial = self._handle(trial_id)
         with warnings.catch_warnings():  # a retried epoch repeats its step: Optuna keeps the first
@@ -140,42 +200,38 @@ class GroupSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        import optuna
-
-        if trial_id not in self.live:
+        found = self._lookup(trial_id)
+        if found is None:
+            self.live.pop(trial_id, None)
             return
-        group, number = self.live[trial_id]
-        if group == "baseline":
-            del self.live[trial_id]
-            return
+        group, number = found
         status = "failed" if error else classify(result or {}, self.config.max_epochs)
         # Tune does not pass the result that ends a trial to on_trial_result: report it here.
         self.on_trial_result(trial_id, result or {})
-        study = self._study(group)
-        trial = self._handle(trial_id)
-        trial.set_user_attr("status", status)
-        State = optuna.trial.TrialState
-        # skip_if_finished: an errored trial resumed with --resume was told FAIL before
-        if status in ("completed", "early_stopped"):
-            study.tell(number, float(result["best_val_acc"]), state=State.COMPLETE,
-                       skip_if_finished=True)
-        elif status == "asha_stopped":
-            study.tell(number, state=State.PRUNED, skip_if_finished=True)
-        elif status == "diverged":
-            study.tell(number, 0.0, state=State.COMPLETE, skip_if_finished=True)
+        state, value = optuna_outcome(status, (result or {}).get("best_val_acc"))
+        if self._running(trial_id):
+            import optuna
+
+            self._handle(trial_id).set_user_attr("status", status)
+            self._study(group).tell(number, value, state=optuna.trial.TrialState[state])
         else:
-            study.tell(number, state=State.FAIL, skip_if_finished=True)
+            tell_outcome(self._study(group), self._frozen(group, number), status, state, value,
+                         self.late.get(trial_id, {}))
         del self.live[trial_id]
         self._trials.pop(trial_id, None)
+        self.late.pop(trial_id, None)
 
     # -- state: JSON, saved with Tune's experiment state -----------------------------------
 
     def get_state(self) -> dict:
-        return {"started": dict(self.started), "live": {k: list(v) for k, v in self.live.items()}}
+        return {"started": dict(self.started), "live": {k: list(v) for k, v in self.live.items()},
+                "late": {k: {str(e): v for e, v in d.items()} for k, d in self.late.items()}}
 
     def set_state(self, state: dict) -> None:
         self.started = {g: int(state["started"].get(g, 0)) for g in self.config.groups}
         self.live = {k: (str(g), int(n)) for k, (g, n) in state["live"].items()}
+        self.late = {k: {int(e): float(v) for e, v in d.items()}
+                     for k, d in state.get("late", {}).items()}
         self._trials = {}
         self._orphans_checked = False
 
@@ -189,3 +245,88 @@ class GroupSearcher(Searcher):
 
     def __getstate__(self) -> dict:  # Tune pickles its search algorithm; Optuna handles stay out
         return {**self.__dict__, "_studies": {}, "_trials": {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optuna's record against the trials table
+
+
+def fail_orphan(study, trial) -> None:
+    """Mark a RUNNING Optuna trial that no Tune trial will ever finish as FAIL (``orphaned``)."""
+    import optuna
+
+    optuna.Trial(study, trial._trial_id).set_user_attr("orphaned", True)
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+def tell_outcome(study, trial, status: str, state: str, value: float | None,
+                 late: dict[int, float] | None = None) -> bool:
+    """Make Optuna hold ``state``/``value`` for the Tune trial whose latest Optuna trial is
+    ``trial`` (a FrozenTrial): tell a RUNNING one; add a superseding trial (same parameters,
+    intermediate values plus ``late`` ones) where a finished one says otherwise. Returns
+    whether anything was written."""
+    import optuna
+
+    State = optuna.trial.TrialState
+    if trial.state == State.RUNNING:
+        optuna.Trial(study, trial._trial_id).set_user_attr("status", status)
+        study.tell(trial.number, value, state=State[state])
+        return True
+    if _agrees(trial, state, value):
+        return False
+    study.add_trial(optuna.trial.create_trial(
+        params=trial.params, distributions=trial.distributions, value=value,
+        state=State[state], intermediate_values={**trial.intermediate_values, **(late or {})},
+        user_attrs={**trial.user_attrs, "status": status, "supersedes": trial.number}))
+    return True
+
+
+def latest_outcomes(config: StudyConfig, optuna_storage: str) -> dict[str, Any]:
+    """Tune trial id -> its latest Optuna trial (FrozenTrial), over the study's tuned groups;
+    RUNNING trials without a ``trial_id`` attribute are left out."""
+    import optuna
+
+    out: dict[str, Any] = {}
+    for group in config.groups:
+        if group == "baseline":
+            continue
+        try:
+            study = optuna.load_study(study_name=group, storage=optuna_storage)
+        except KeyError:  # no Optuna study: nothing was asked for this group
+            continue
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if "trial_id" in t.user_attrs:
+                out[t.user_attrs["trial_id"]] = t
+    return out
+
+
+def reconcile(config: StudyConfig, optuna_storage: str, trials) -> int:
+    """Make the Optuna storage agree with the ``trials`` table (one row per trial): each
+    trial's latest Optuna trial holds the state and value its status is told as
+    (``optuna_outcome``), and an Optuna trial still RUNNING with no row is FAIL
+    (``orphaned``). Returns how many Optuna trials were written."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    latest = latest_outcomes(config, optuna_storage)
+    written = 0
+    for row in trials.to_dict("records"):
+        trial = latest.get(str(row["trial_id"]))
+        if row["group"] == "baseline" or trial is None:
+            continue
+        study = optuna.load_study(study_name=str(row["group"]), storage=optuna_storage)
+        state, value = optuna_outcome(str(row["status"]), row["best_val_acc"])
+        written += tell_outcome(study, trial, str(row["status"]), state, value)
+    known = set(trials["trial_id"].astype(str)) if len(trials) else set()
+    for group in config.groups:
+        if group == "baseline":
+            continue
+        try:
+            study = optuna.load_study(study_name=group, storage=optuna_storage)
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get("trial_id") not in known:
+                fail_orphan(study, t)
+                written += 1
+    return written

@@ -46,7 +46,9 @@ DEFAULT_SPACE: dict[str, ParamRange] = {
     "T": ParamRange(1.0, 16.0, log=True),
     "w_ce": ParamRange(0.1, 1.0),
     "w_kl": ParamRange(0.1, 2.0),  # KL already carries T^2
-    "w_at": ParamRange(10.0, 5000.0, log=True),  # Zagoruyko's beta/2 = 500 inside
+    # 10-5000 holds 3000, the attention-transfer codes' beta = 1000 per stage summed over
+    # three stages (kdcore averages over its stages; kdcore.config.DEFAULT_WEIGHTS).
+    "w_at": ParamRange(10.0, 5000.0, log=True),
     # 0.3-10: in the laptop study w_fa below 0.3 gave FA under 2% of the student's gradient
     # (effectively kd), above 10 over half of it (docs/RESULTS.md, "Search ranges").
     "w_fa": ParamRange(0.3, 10.0, log=True),
@@ -412,13 +414,14 @@ def environment_settings(environ: Any = None) -> dict[str, str]:
     return {key: environ[var] for key, var in ENVIRONMENT.items() if environ.get(var)}
 
 
-def load_study_config(
+def given_settings(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     environment: dict[str, Any] | None = None,
-) -> StudyConfig:
-    """Preset -> environment -> file -> overrides (``None`` values ignored), validated.
+) -> dict[str, Any]:
+    """What the user asked for, merged: preset -> environment -> file -> overrides (``None``
+    values ignored), as plain values before any default is filled in.
 
     That is: a flag beats a config file, which beats an environment variable
     (``environment_settings()``), which beats the preset.
@@ -431,8 +434,17 @@ def load_study_config(
     raw = _merge(raw, environment or {})
     if config_file is not None:
         raw = _merge(raw, read_config_file(config_file))
-    raw = _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
-    return StudyConfig.from_dict(raw)
+    return _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def load_study_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environment: dict[str, Any] | None = None,
+) -> StudyConfig:
+    """``given_settings`` over the defaults, validated."""
+    return StudyConfig.from_dict(given_settings(preset, config_file, overrides, environment))
 
 
 def overrides_from_args(args: Any) -> dict[str, Any]:
@@ -459,7 +471,14 @@ def overrides_from_args(args: Any) -> dict[str, Any]:
 # study.json
 
 
+# Settings of a stored study (``settle``). Runtime fields say where and with what the study
+# runs and may change at any time. Growing fields only add work: more trials per group (the
+# search continues in another Tune experiment) and more reproduce seeds. ``data`` may be
+# spelled anew (a moved folder); the commands refuse other data by its fingerprint
+# (``check_same_data``). Every other field would change what was already measured.
 RUNTIME_FIELDS = ("storage", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "device")
+GROWING_FIELDS = ("samples", "seeds")
+RESPELLED_FIELDS = ("study", "data")
 
 
 def package_versions() -> dict[str, str]:
@@ -502,3 +521,77 @@ def config_from_study_json(doc: dict[str, Any], overrides: dict[str, Any] | None
     raw = {k: v for k, v in doc.items() if k in names}
     runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS and v is not None}
     return StudyConfig.from_dict({**raw, **runtime})
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def settle(stored: dict[str, Any], given: dict[str, Any]) -> StudyConfig:
+    """The config of a stored study (its ``study.json``) after the settings ``given`` now.
+
+    ``given`` holds only what the user gave (``given_settings``; a whole ``to_dict()`` is
+    fine too). Runtime fields take the given value, growing fields the given value when it is
+    not smaller, ``data`` the given spelling; any other given value that differs from the
+    stored one is refused: ``ValueError`` naming the field and both values.
+    """
+    saved = config_from_study_json(stored)
+    given = {ALIASES.get(k, k): v for k, v in given.items()}
+    if given.get("groups") == "all":
+        given["groups"] = list(saved.groups)  # "all" on a stored study: the study's groups
+    wanted = StudyConfig.from_dict(_merge(saved.to_dict(), given))
+    old, new = saved.to_dict(), wanted.to_dict()
+    for key in given:
+        if key in RUNTIME_FIELDS or key in RESPELLED_FIELDS or _same(old[key], new[key]):
+            continue
+        if key in GROWING_FIELDS:
+            if new[key] > old[key]:
+                continue
+            raise ValueError(f"{key}: {new[key]!r} is fewer than the stored study's "
+                             f"{old[key]!r} (a stored study only grows; nothing is removed)")
+        where, a, b = _first_difference(key, old[key], new[key])
+        raise ValueError(f"{where}: {b!r} differs from the stored study's {a!r} "
+                         "(it would change what was already measured; use another --study)")
+    return wanted
+
+
+def _first_difference(where: str, a: Any, b: Any) -> tuple[str, Any, Any]:
+    """(dotted name, stored value, new value) of the first leaf where ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if not _same(a.get(key), b.get(key)):
+                return _first_difference(f"{where}.{key}", a.get(key), b.get(key))
+    return where, a, b
+
+
+def check_same_data(stored: dict[str, Any] | None, fingerprint: str, spec: str) -> None:
+    """Refuse data other than the stored study's (by the fingerprint ``study.json`` holds)."""
+    if stored and stored.get("data_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"data: {spec!r} is not the dataset the study started with "
+                         f"(fingerprint {fingerprint} != {stored['data_fingerprint']})")
+
+
+def record_settings(config: StudyConfig, stored: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite ``study.json`` with ``config`` (settings that ``settle`` let change), keeping
+    what else the stored one records (data fingerprint, teacher hash)."""
+    names = {f.name for f in dataclasses.fields(StudyConfig)} | {"versions", "written_at"}
+    return write_study_json(config, **{k: v for k, v in stored.items() if k not in names})
+
+
+def resolve_study(args: Any, ignore: tuple[str, ...] = ()) -> tuple[StudyConfig, dict | None]:
+    """(config, stored ``study.json`` or None) of a study command's arguments.
+
+    A stored study is ``settle``-d with what the command line, config file, preset and
+    environment give; otherwise the given settings make a new config. ``ignore`` names
+    overrides that are not study settings for this command (``reproduce --group`` filters).
+    """
+    overrides = {k: v for k, v in overrides_from_args(args).items() if k not in ignore}
+    given = given_settings(getattr(args, "preset", None), getattr(args, "config", None),
+                           overrides, environment_settings())
+    storage = given.get("storage", StudyConfig.storage)
+    study = given.get("study", StudyConfig.study)
+    fsutil.check_storage(storage)
+    stored = read_study_json(storage, check_study_name(study))
+    if stored is None:
+        return StudyConfig.from_dict(given), None
+    return settle(stored, given), stored

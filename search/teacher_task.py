@@ -1,8 +1,11 @@
 """The study's teacher: trained once, as a Ray task, cached in storage.
 
 The teacher file lives at ``<storage>/teachers/teacher-<content hash>.pt`` (a local path or a
-pyarrow URI, so every node of a cluster finds it). The driver first looks there
-(``load_cached``: a damaged or foreign file is refused in one line before Ray starts); if
+pyarrow URI, so every node of a cluster finds it); the hash is
+``kdcore.teacher.TeacherConfig.content_hash`` (the teacher's whole training config with its
+precision resolved, and the data). A stored study keeps the teacher it recorded in
+``study.json`` (``teacher_hash``), even one stored under an older key. The driver first looks
+there (``load_cached``: a damaged or foreign file is refused in one line before Ray starts); if
 the file is missing, ``train_on_cluster`` runs ``train_and_store`` as a Ray task that asks for
 one trial's resources (a CPU-only study: all CPUs of the largest node, ``teacher_cpus``), so
 on a cluster it runs on a GPU worker even when the driver has none. Training holds an
@@ -27,18 +30,38 @@ from kdcore.data import Dataset
 from kdcore.teacher import get_teacher, load_teacher
 
 from . import fsutil
-from .study import StudyConfig
+from .study import StudyConfig, read_study_json
 
 
-def teacher_path(config: StudyConfig, data: Dataset) -> str:
-    """``<storage>/teachers/teacher-<hash>.pt`` for this study's teacher and data."""
-    return fsutil.join(config.storage, "teachers",
-                       f"teacher-{config.teacher.content_hash(data)}.pt")
+def teacher_path(config: StudyConfig, data: Dataset, digest: str | None = None) -> str:
+    """``<storage>/teachers/teacher-<hash>.pt`` for this study's teacher and data (``digest``:
+    that hash instead of ``content_hash``)."""
+    digest = digest or config.teacher.content_hash(data)
+    return fsutil.join(config.storage, "teachers", f"teacher-{digest}.pt")
 
 
-def load_cached(config: StudyConfig, data: Dataset) -> tuple[dict, dict] | None:
-    """(state_dict, meta) of the cached teacher, None when there is none; ValueError if bad."""
+def recorded_hash(config: StudyConfig) -> str | None:
+    """The ``teacher_hash`` of the study's ``study.json``, None where there is none."""
+    return (read_study_json(config.storage, config.study) or {}).get("teacher_hash")
+
+
+def load_cached(config: StudyConfig, data: Dataset,
+                teacher_hash: str | None = None) -> tuple[dict, dict] | None:
+    """(state_dict, meta) of the cached teacher, None when there is none; ValueError if bad.
+
+    The study's recorded teacher comes first: ``teacher_hash`` (default: ``recorded_hash``,
+    from ``study.json``) is loaded when it is one of this config's keys
+    (``TeacherConfig.cache_keys``: the current one, ``auto``'s other resolution, the key used
+    before issue 16) and its file exists, so a resumed study keeps the teacher it was
+    searched with; a hash of another config (a study.json left by other settings) is
+    ignored. Otherwise the file of the current key (``teacher_path``).
+    """
+    teacher_hash = teacher_hash or recorded_hash(config)
     path = teacher_path(config, data)
+    if teacher_hash and teacher_hash in config.teacher.cache_keys(data):
+        recorded = teacher_path(config, data, teacher_hash)
+        if fsutil.exists(recorded):
+            path = recorded
     blob = fsutil.read_bytes(path)
     if blob is None:
         return None
@@ -70,9 +93,12 @@ def train_and_store(config: StudyConfig, data: Dataset, threads: int | None = No
     """Train the teacher unless another process did meanwhile; write it to storage.
 
     ``threads``: torch CPU threads (default: ``cpus_per_trial``). Returns ``{"trained": bool,
-    "node": ..., "seconds": ...}``. Runs inside the Ray task (or directly, in tests).
+    "hash": ..., "node": ..., "seconds": ...}``; ``hash`` is the key computed here, where
+    ``precision="auto"`` is resolved for the training (it can differ from the driver's on
+    a CPU cluster of mixed CPUs). Runs inside the Ray task (or directly, in tests).
     """
-    path = teacher_path(config, data)
+    digest = config.teacher.content_hash(data)
+    path = teacher_path(config, data, digest)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads or config.cpus_per_trial)))
     t0 = time.monotonic()
@@ -84,13 +110,14 @@ def train_and_store(config: StudyConfig, data: Dataset, threads: int | None = No
     try:
         with exclusive(path[: -len(".pt")] + ".lock"):
             if fsutil.exists(path):
-                return {"trained": False, "node": _node(), "seconds": time.monotonic() - t0}
+                return {"trained": False, "hash": digest, "node": _node(),
+                        "seconds": time.monotonic() - t0}
             with tempfile.TemporaryDirectory(prefix="kdsearch-teacher-") as tmp:
-                _, digest, _ = get_teacher(config.teacher, data, tmp, report=progress)
-                fsutil.write_bytes(path, (Path(tmp) / f"teacher-{digest}.pt").read_bytes())
+                _, trained, _ = get_teacher(config.teacher, data, tmp, report=progress)
+                fsutil.write_bytes(path, (Path(tmp) / f"teacher-{trained}.pt").read_bytes())
     finally:
         torch.set_num_threads(previous_threads)
-    return {"trained": True, "node": _node(), "seconds": time.monotonic() - t0}
+    return {"trained": True, "hash": digest, "node": _node(), "seconds": time.monotonic() - t0}
 
 
 def _node() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -56,11 +57,34 @@ def best_of(history: list[dict]) -> tuple[float, int]:
     return float(best["val_acc"]), int(best["epoch"])
 
 
+def _usable_checkpoint(checkpoint):
+    """Tune's checkpoint, or where it is gone, the newest one beside it that holds a state.
+
+    A driver killed after a trial wrote newer checkpoints, and before Tune saved its own
+    state, restores the trial from the checkpoint that state names; Tune may meanwhile have
+    deleted it (it keeps ``num_to_keep``). The newer ones of the same trial continue it
+    exactly (training is deterministic given the state), so the newest existing one is used.
+    """
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    fs, path = checkpoint.filesystem, checkpoint.path
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return checkpoint
+    parent = posixpath.dirname(path.rstrip("/"))
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+             if i.base_name.startswith("checkpoint_")
+             and fs.get_file_info(posixpath.join(i.path, STATE_FILE)).type == pafs.FileType.File]
+    return tune.Checkpoint(max(found), filesystem=fs) if found else None
+
+
 def _restore() -> tuple[dict | None, int, float]:
     """(fit state, attempt, wall seconds so far) from Tune's checkpoint, if any."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint = _usable_checkpoint(checkpoint)
     if checkpoint is None:
         return None, 1, 0.0
     with checkpoint.as_directory() as d:

@@ -1,8 +1,9 @@
 """Helpers shared by the tests that run real Ray searches (test_search, test_reliability).
 
 Tiny study settings, a TOML writer, subprocess environments, process-tree inspection and
-killing (by process id, never by name), a local multi-node Ray cluster on loopback addresses,
-and the table consistency check every search test applies.
+killing (by process id, never by name), commands run so that nothing they start outlives them
+(``spawn``, ``run``), bounded waiting for a condition (``wait_for``), a local multi-node Ray
+cluster on loopback addresses, and the table consistency check every search test applies.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -66,10 +70,12 @@ def write_toml(path: Path, settings: dict) -> Path:
 
 
 def env(**extra: str | None) -> dict[str, str]:
-    """The environment of a subprocess: this checkout importable, no inherited RAY_ADDRESS,
-    token authentication off (loopback test clusters only), no usage statistics. An
-    ``extra`` value of None removes that variable."""
-    out = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """The environment of a subprocess: this checkout importable, no inherited RAY_ADDRESS or
+    Ray token (a private Ray instance of this test process leaves its token in
+    ``os.environ``), token authentication off (loopback test clusters only), no usage
+    statistics. An ``extra`` value of None removes that variable."""
+    inherited = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    out = {k: v for k, v in os.environ.items() if k not in inherited}
     out.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     for key, value in extra.items():
         if value is None:
@@ -139,6 +145,128 @@ def kill_tree(leaders: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None when it is gone or a zombie: with
+    the pid it names one process, even after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             period: float = 0.1):
+    """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` seconds
+    pass (AssertionError naming ``what``): instead of sleeping a fixed time and hoping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(period)
+
+
+class _Watch(threading.Thread):
+    """Remembers every process of the group ``leader`` leads and every descendant of them
+    (pid and start time) while they run, so that one whose parent exited or that called
+    setsid (Ray's workers do) can still be found and killed."""
+
+    def __init__(self, leader: int, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.leader, self.period = leader, period
+        self.seen: dict[int, int] = {}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.scan()
+            self.halt.wait(self.period)
+
+    def scan(self) -> None:
+        procs = processes()
+        roots = {self.leader} | {pid for pid, _, pgid in procs if pgid == self.leader}
+        roots |= set(self.alive())
+        for pid in roots | descendants(list(roots), procs):
+            if pid not in self.seen and (started := start_time(pid)) is not None:
+                self.seen[pid] = started
+
+    def alive(self) -> list[int]:
+        """The remembered processes that still run (same pid, same start time)."""
+        return [pid for pid, t in list(self.seen.items()) if start_time(pid) == t]
+
+    def reap(self, timeout: float = 15.0) -> None:
+        """SIGKILL everything remembered that still runs, with its process group and its
+        descendants (``kill_tree``), in rounds until nothing runs (or ``timeout``)."""
+        def none_left() -> bool:
+            self.scan()  # also what was forked since the last round
+            alive = self.alive()
+            kill_tree(alive)  # only processes seen alive: a reused pid is never a target
+            return not alive
+
+        with contextlib.suppress(AssertionError):
+            wait_for(none_left, timeout, f"the processes started by {self.leader} to end")
+
+
+@contextlib.contextmanager
+def spawn(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str = REPO,
+          **popen) -> Iterator[subprocess.Popen]:
+    """Start ``argv`` in its own session and process group and yield its ``Popen``; when the
+    block ends — normally, on a timeout, on a failed assertion — the group and every process
+    it ever started are SIGKILLed and waited for. ``proc.reap()`` does it earlier (a test
+    that kills a driver on purpose); ``proc.watch.alive()`` lists what still runs."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, **popen)
+    watch = _Watch(proc.pid)
+    watch.start()
+    proc.watch = watch
+    proc.reap = watch.reap
+    try:
+        yield proc
+    finally:
+        watch.halt.set()
+        watch.join()
+        watch.reap()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)  # no zombie of the direct child either
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def run(argv: list[str], timeout: float, *, env: dict[str, str] | None = None,
+        cwd: Path | str = REPO, linger: float = 5.0) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True, timeout=timeout)`` that leaves
+    nothing behind: the command runs under ``spawn``, and on a timeout its whole tree is
+    killed before ``subprocess.TimeoutExpired`` (with the output so far) is raised. A
+    process that outlives the command and holds its output open (a Ray worker of a finished
+    driver) is killed ``linger`` seconds after the command exited."""
+    deadline = time.monotonic() + timeout
+    exited = None
+    with spawn(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               text=True) as proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if proc.poll() is not None:
+                    exited = exited or now
+                timed_out = now >= deadline
+                if timed_out or (exited and now - exited > linger):
+                    proc.reap()
+                    try:
+                        out, err = proc.communicate(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        out, err = "", ""
+                    if timed_out:
+                        raise subprocess.TimeoutExpired(argv, timeout, out, err) from None
+                    break
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -153,7 +281,9 @@ def ray_cluster(workers: tuple[str, ...] = ("127.0.0.3",), head: str = "127.0.0.
     (the head with ``head_cpus`` when given: 0 makes a head that runs no trial).
 
     Yields ``{"address": "HEAD:PORT", "temp": TEMP_DIR, "leaders": [pid, ...]}``; on exit
-    every process it started (each ``ray start`` runs in its own session) is killed by id.
+    every process it started (each ``ray start`` runs under ``spawn``, in its own session,
+    watched for the cluster's lifetime) is killed by id. ``extra_env`` goes to every node
+    (``{"RAY_AUTH_MODE": "token", ...}`` makes a token-authenticated cluster).
     """
     ray = str(Path(sys.executable).parent / "ray")
     port = free_port(head)
@@ -166,16 +296,16 @@ def ray_cluster(workers: tuple[str, ...] = ("127.0.0.3",), head: str = "127.0.0.
                "--num-cpus", str(cpus), *common] for ip in workers]
     leaders: list[int] = []
     try:
-        for argv in argvs:
-            p = subprocess.Popen(argv, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-            leaders.append(p.pid)
-            out, _ = p.communicate(timeout=120)
-            assert p.returncode == 0, out.decode()[-2000:]
-        yield {"address": f"{head}:{port}", "temp": temp, "leaders": leaders}
+        with contextlib.ExitStack() as nodes:  # on exit: every node's processes, reaped
+            for argv in argvs:
+                p = nodes.enter_context(spawn(argv, env=env(**(extra_env or {})),
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                leaders.append(p.pid)
+                out, _ = p.communicate(timeout=120)
+                assert p.returncode == 0, out.decode()[-2000:]
+            yield {"address": f"{head}:{port}", "temp": temp, "leaders": leaders}
     finally:
-        kill_tree(leaders)
-        subprocess.run(["rm", "-rf", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -298,12 +298,119 @@ def test_compare_groups_matches_scipy(study: analysis.Study) -> None:
     assert math.isnan(table.loc["baseline", "p_vs_baseline"])
     assert math.isnan(table.loc["kd", "p_vs_kd"])
     assert math.isnan(table.loc["kd", "p_vs_kd_holm"])
-    raw = table[["p_vs_baseline", "p_vs_kd"]].to_numpy()
-    assert np.count_nonzero(~np.isnan(raw)) == 8
-    adjusted = holm(raw.ravel()).reshape(raw.shape)
-    np.testing.assert_allclose(table[["p_vs_baseline_holm", "p_vs_kd_holm"]], adjusted)
+    # baseline-vs-kd is one test: the same raw and adjusted p in both of its cells
+    assert table.loc["baseline", "p_vs_kd"] == table.loc["kd", "p_vs_baseline"]
+    assert table.loc["baseline", "p_vs_kd_holm"] == table.loc["kd", "p_vs_baseline_holm"]
+    assert table.loc["baseline", "diff_vs_kd"] == -table.loc["kd", "diff_vs_baseline"]
     assert (table["p_vs_baseline_holm"].dropna() >= table["p_vs_baseline"].dropna()).all()
     assert (table["p_vs_baseline_holm"].dropna() > table["p_vs_baseline"].dropna()).any()
+    assert "latency_ms_bs1" not in table.columns  # a property of the architecture, not a group
+
+
+def runs_frame(acc: dict[str, dict[int, float]]) -> pd.DataFrame:
+    """A runs table: test accuracy (a fraction) per group and seed."""
+    return pd.DataFrame([{"group": g, "seed": s, "test_acc": a}
+                         for g, seeds in acc.items() for s, a in seeds.items()])
+
+
+def test_holm_family_holds_each_paired_test_once_hand_computed() -> None:
+    # Paired differences (points) over seeds 0-2: kd - baseline (1, 2, 3), at - baseline
+    # (6, 8, 10), at - kd (5, 6, 7). With 3 pairs (df = 2) the two-sided t-test p-value is
+    # 1 - |t| / sqrt(2 + t^2), with t = mean / (sd / sqrt(3)):
+    #   kd - baseline: t = 2 / (1 / sqrt 3) = 2 sqrt 3, t^2 = 12:  p = 1 - sqrt(12/14)  = 0.0741799
+    #   at - baseline: t = 8 / (2 / sqrt 3) = 4 sqrt 3, t^2 = 48:  p = 1 - sqrt(48/50)  = 0.0202041
+    #   at - kd:       t = 6 / (1 / sqrt 3) = 6 sqrt 3, t^2 = 108: p = 1 - sqrt(108/110) = 0.0091326
+    # Three distinct tests (baseline vs kd once, not twice), m = 3, sorted p times (m - rank):
+    #   at - kd 3 x 0.0091326 = 0.0273978; at - baseline 2 x 0.0202041 = 0.0404082;
+    #   kd - baseline 1 x 0.0741799 = 0.0741799 (already increasing: no running maximum).
+    # Counting baseline vs kd twice (m = 4) would give 0.0365, 0.0606 and 0.1484 instead.
+    runs = runs_frame({"baseline": {0: 0.80, 1: 0.81, 2: 0.79},
+                       "kd": {0: 0.81, 1: 0.83, 2: 0.82},
+                       "at": {0: 0.86, 1: 0.89, 2: 0.89}})
+    p_kd, p_at, p_at_kd = 1 - math.sqrt(12 / 14), 1 - math.sqrt(48 / 50), 1 - math.sqrt(108 / 110)
+    table = compare_groups(runs).set_index("group")
+    assert table.loc["kd", "p_vs_baseline"] == pytest.approx(p_kd, rel=1e-9)
+    assert table.loc["at", "p_vs_baseline"] == pytest.approx(p_at, rel=1e-9)
+    assert table.loc["at", "p_vs_kd"] == pytest.approx(p_at_kd, rel=1e-9)
+    assert table.loc["at", "p_vs_kd_holm"] == pytest.approx(0.0273978, abs=1e-7)
+    assert table.loc["at", "p_vs_baseline_holm"] == pytest.approx(0.0404082, abs=1e-7)
+    assert table.loc["kd", "p_vs_baseline_holm"] == pytest.approx(0.0741799, abs=1e-7)
+    assert table.loc["baseline", "p_vs_kd_holm"] == pytest.approx(0.0741799, abs=1e-7)
+    assert table.loc["baseline", "diff_vs_kd"] == pytest.approx(-2.0)
+    tests = analysis.stats.paired_tests(runs)
+    assert list(zip(tests["group"], tests["reference"], strict=True)) == [
+        ("kd", "baseline"), ("at", "baseline"), ("at", "kd")]
+    assert tests["pairs"].tolist() == [3, 3, 3] and (tests["no_p"] == "").all()
+
+
+# Two seeds. kd - baseline: 52.4 - 44.0 and 60.8 - 52.4, both 8.4 points up to rounding (their
+# sample std is about 1e-14): zero variance, no p-value. at - baseline (3, 1) and at - kd
+# (-5.4, -7.4) have one: with 2 pairs (df = 1) p = 1 - (2/pi) atan(|t|), t = mean / (sd / sqrt 2)
+# = (a + b) / |a - b|: at - baseline t = 4 / 2 = 2, p = 1 - (2/pi) atan(2) = 0.2951672;
+# at - kd t = -12.8 / 2 = -6.4, p = 1 - (2/pi) atan(6.4) = 0.0986740. Holm over those two
+# only (m = 2): at - kd 2 x 0.0986740 = 0.1973480; at - baseline max(0.1973480, 0.2951672).
+# `fa` shares one seed with each reference: fewer than 2 pairs, no p-value either.
+ZERO_VARIANCE_RUNS = {"baseline": {1: 0.440, 2: 0.524}, "kd": {1: 0.524, 2: 0.608},
+                      "at": {1: 0.470, 2: 0.534}, "fa": {1: 0.50, 3: 0.51}}
+
+
+def test_zero_variance_pair_has_no_p_and_stays_out_of_holm() -> None:
+    table = compare_groups(runs_frame(ZERO_VARIANCE_RUNS)).set_index("group")
+    assert table.loc["kd", "diff_vs_baseline"] == pytest.approx(8.4)
+    for group, ref in (("kd", "baseline"), ("baseline", "kd"), ("fa", "baseline"),
+                       ("fa", "kd")):
+        assert math.isnan(table.loc[group, f"p_vs_{ref}"]), (group, ref)
+        assert math.isnan(table.loc[group, f"p_vs_{ref}_holm"]), (group, ref)
+    assert table.loc["at", "p_vs_baseline"] == pytest.approx(1 - 2 / math.pi * math.atan(2))
+    assert table.loc["at", "p_vs_kd"] == pytest.approx(1 - 2 / math.pi * math.atan(6.4))
+    assert table.loc["at", "p_vs_kd_holm"] == pytest.approx(0.1973480, abs=1e-7)
+    assert table.loc["at", "p_vs_baseline_holm"] == pytest.approx(0.2951672, abs=1e-7)
+    tests = analysis.stats.paired_tests(runs_frame(ZERO_VARIANCE_RUNS)).set_index(
+        ["group", "reference"])
+    assert tests.loc[("kd", "baseline"), "no_p"] == "zero variance"
+    assert tests.loc[("fa", "baseline"), "no_p"] == "fewer than 2 pairs"
+    assert tests.loc[("fa", "baseline"), "pairs"] == 1
+    assert tests.loc[("at", "kd"), "no_p"] == ""
+
+
+def test_zero_variance_tolerance_is_relative_to_the_mean_difference() -> None:
+    from analysis.stats import paired
+
+    acc = pd.DataFrame({"ref": [44.0, 52.4, 30.0], "same": [52.4, 60.8, 38.4],
+                        "zero": [44.0, 52.4, 30.0], "near": [52.4, 60.81, 38.4],
+                        "big": [1e6 + 44.0, 1e6 + 52.4 + 1e-7, 1e6 + 30.0 - 1e-7]}) \
+        .mul(1 / 100).mul(100)  # percentages as computed from stored fractions
+    # differences of 8.4 computed in floating point: equal up to ~1e-14, so zero variance
+    diff, p, pairs, why = paired(acc, "same", "ref")
+    assert (diff, pairs, why) == (pytest.approx(8.4), 3, "zero variance") and math.isnan(p)
+    assert paired(acc, "zero", "ref")[3] == "zero variance"  # all differences exactly 0
+    # differences 1e6 +- 1e-7: a std of 1e-7 is above 1e-9 but far below 1e-9 x 1e6
+    assert paired(acc, "big", "ref")[3] == "zero variance"
+    # one difference off by 0.01 points (an image in 10,000): a real spread, p defined
+    diff, p, pairs, why = paired(acc, "near", "ref")
+    assert why == "" and pairs == 3 and 0 < p < 1 and diff == pytest.approx(8.4 + 0.01 / 3)
+    diff, p, pairs, why = paired(acc.iloc[:1], "same", "ref")
+    assert (diff, pairs, why) == (pytest.approx(8.4), 1, "fewer than 2 pairs") and math.isnan(p)
+
+
+def test_report_names_the_tests_without_a_p_value(tmp_path: Path) -> None:
+    root = tmp_path / "zv"
+    root.mkdir()
+    (root / "study.json").write_text(json.dumps({"study": "zv", "groups": ["baseline", "kd",
+                                                                        "fa", "at"]}))
+    write_parts(root, "runs", "part-000.parquet",
+                [run_row(g, s, a) for g, seeds in ZERO_VARIANCE_RUNS.items()
+                 for s, a in seeds.items()])
+    text = write_report(root, tmp_path / "out").read_text()
+    section = text.split("## Test accuracy over seeds")[1].split("\n## ")[0]
+    assert "over the 2 distinct paired tests of this table that have a p-value" in section
+    assert "| kd | 2 | 56.60 | 5.94 |" in section and "| 8.40 | — | — |" in section
+    assert ("- `kd` against `baseline` (2 pairs): the paired differences have zero variance "
+            "(every shared seed gives +8.40 points)") in section
+    assert "- `fa` against `baseline` (1 shared seed): fewer than 2 pairs." in section
+    assert "- `fa` against `kd` (1 shared seed): fewer than 2 pairs." in section
+    assert "`at` against" not in section  # both of at's tests have a p-value
+    assert "with fewer than 2 pairs, or with paired differences of zero variance" in section
 
 
 def test_teacher_gap_hand_computed(study: analysis.Study) -> None:
@@ -419,6 +526,9 @@ def test_report_marks_groups_without_full_budget_and_keeps_failed_ones(tmp_path:
     text = write_report(root).read_text()
     best = text.split("## Best configuration per group")[1].split("\n## ")[0]
     assert "full budget of 4 epochs" in best and "group's full epoch budget" not in text
+    # item 9: an early-stopped trial is a full-budget trial, and the text says why
+    assert ("those that ran the study's full budget of 4 epochs (`max_epochs`) or stopped on "
+            "their own validation-loss patience (`early_stopped`)") in best
     assert "| at | LONGEST ONLY | at-1 | asha_stopped | 65.00 |" in best
     assert "- `at`: no trial ran the study's full budget of 4 epochs" in best
     assert "| fa | NO USABLE TRIAL | — |" in best
@@ -513,6 +623,57 @@ def test_report_contents(report: Path, study: analysis.Study) -> None:
     assert "**90.00%** test accuracy" in teacher and "1500000 parameters" in teacher
     assert "teacher - baseline = **10.00 points**" in teacher
     assert re.search(r"^\| kd \| 3 \| 83\.17 \|.*\| 3\.17 \| 6\.83 \| 0\.32 \|$", teacher, re.M)
+
+
+def test_report_without_speed_json_does_not_compare_latency(report: Path) -> None:
+    text = report.read_text()
+    comparison = text.split("## Test accuracy over seeds")[1].split("\n## ")[0]
+    assert "latency" not in comparison
+    speed = text.split("## Size and speed (per architecture)")[1].split("\n## ")[0]
+    assert "This study has no `speed.json`" in speed
+    assert "latency was measured per run under concurrent load" in speed
+    assert "not comparable between groups" in speed
+    # run_row: latency 2.0 + seed over the 15 runs of seeds 0-3
+    assert "15 runs: 2.000 to 5.000 ms per image at batch 1" in speed
+    assert "| teacher | resnet50 width 0.25, cifar stem, without CBAM | 1500000 |" in speed
+    teacher = text.split("## Teacher and students")[1].split("\n## ")[0]
+    assert "ms per image" not in teacher  # measured on its own: not set against the students
+
+
+SPEED = {
+    "study": "s", "device": "cpu", "device_name": "Test CPU", "precision": "bf16",
+    "torch_threads": 2, "rounds": 7, "repeats_bs1": 5, "large_batch": 256,
+    "repeats_large": 1, "warmup": 2, "image_shape": [3, 32, 32],
+    "models": {
+        "student": {"arch": "resnet18 width 0.25, cifar stem, without CBAM", "params": 701466,
+                    "groups": ["baseline", "kd"],
+                    "latency_ms_bs1": {"median": 1.5, "q1": 1.25, "q3": 2.0},
+                    "images_per_s": {"median": 5000.25, "q1": 4800.0, "q3": 5100.0}},
+        "teacher": {"arch": "resnet50 width 0.25, cifar stem, without CBAM", "params": 1484186,
+                    "latency_ms_bs1": {"median": 4.0, "q1": 3.75, "q3": 4.5},
+                    "images_per_s": {"median": 1300.0, "q1": 1250.0, "q3": 1320.0}},
+    },
+}
+
+
+def test_report_speed_section_reads_speed_json(study_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "with-speed"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("report"))
+    (copy / "speed.json").write_text(json.dumps(SPEED))
+    text = write_report(copy, tmp_path / "out").read_text()
+    speed = text.split("## Size and speed (per architecture)")[1].split("\n## ")[0]
+    assert ("| role | architecture | params | latency_ms_bs1 | latency_iqr | "
+            "images_per_s_bs256 | images_per_s_iqr |") in speed
+    assert ("| student | resnet18 width 0.25, cifar stem, without CBAM | 701466 | 1.500 | "
+            "1.250–2.000 | 5000 | 4800–5100 |") in speed
+    assert ("| teacher | resnet50 width 0.25, cifar stem, without CBAM | 1484186 | 4.000 | "
+            "3.750–4.500 | 1300 | 1250–1320 |") in speed
+    assert "on `cpu` (Test CPU), precision bf16, 2 torch threads" in speed
+    assert "then 7 rounds" in speed and "5 forwards at batch 1" in speed
+    assert "Every group (`baseline`, `kd`) trains this student" in speed
+    assert "not comparable" not in speed
 
 
 def test_report_without_runs(tmp_path: Path) -> None:

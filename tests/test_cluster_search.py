@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import subprocess
+import secrets
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ pytest.importorskip("optuna")
 
 import optuna
 import pandas as pd
-from helpers import REPO, TINY, env, kdsearch, ray_cluster, tiny, write_toml
+from helpers import TINY, env, kdsearch, kill_tree, ray_cluster, run, tiny, write_toml
 
 from search.bench_scheduler import simulate_schedule, slot_usage
 from search.cli import build_parser
@@ -133,13 +134,13 @@ def test_five_groups_share_one_search_and_optuna_hears_the_truth(tmp_path):
                 "samples": 3, "max_epochs": 3, "grace_period": 1}
     cfg = write_toml(tmp_path / "all.toml", settings)
     store = tmp_path / "store"
-    done = subprocess.run(kdsearch("tune", "--config", str(cfg), "--storage", str(store)),
-                          cwd=REPO, env=env(RAY_AUTH_MODE=None), capture_output=True, text=True,
-                          timeout=600)
+    done = run(kdsearch("tune", "--config", str(cfg), "--storage", str(store)), 600,
+               env=env(RAY_AUTH_MODE=None))
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-3000:]
     assert "Traceback" not in console and "SystemExit" not in console, console[-3000:]
     assert "Token authentication" not in console  # the private instance keeps it, quietly
+    assert "InvalidAuthToken" not in console
     assert "group     running  done  stopped" in done.stdout
     study_dir = str(store / "all")
     trials, epochs = read_table(study_dir, "trials"), read_table(study_dir, "epochs")
@@ -199,11 +200,17 @@ def test_two_studies_needing_one_teacher_train_it_once(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_train_teacher, args=(str(tmp_path), queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    trained = sorted(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        for p in procs:
+            p.start()
+        trained = sorted(queue.get(timeout=300) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+    finally:  # a hung or failed child is killed, with anything it started
+        kill_tree([p.pid for p in procs if p.pid is not None and p.is_alive()])
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=30)
     assert trained == [False, True]
     assert len(list((tmp_path / "teachers").glob("teacher-*.pt"))) == 1
 
@@ -212,10 +219,82 @@ def test_two_studies_needing_one_teacher_train_it_once(tmp_path):
 def test_teacher_trains_on_the_worker_when_the_head_offers_no_cpu(tmp_path):
     with ray_cluster(workers=("127.0.0.3",), head_cpus=0) as cluster:
         cfg = write_toml(tmp_path / "t.toml", {**TINY, "study": "t", "groups": ["kd"]})
-        done = subprocess.run(
-            kdsearch("teacher", "--config", str(cfg), "--storage", str(tmp_path / "store"),
-                     "--address", cluster["address"]),
-            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        done = run(kdsearch("teacher", "--config", str(cfg), "--storage", str(tmp_path / "store"),
+                            "--address", cluster["address"]), 300, env=env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trained on 127.0.0.3" in done.stdout, done.stdout[-2000:]
     assert len(list((tmp_path / "store" / "teachers").glob("teacher-*.pt"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Token authentication (docs/SEARCH.md, "Running on a cluster")
+
+JOIN = """
+import sys
+from search.tune import init_ray
+try:
+    init_ray(None, sys.argv[1])
+except ValueError as exc:
+    sys.exit(f"REFUSED {exc}")
+import ray
+@ray.remote(num_cpus=1)
+def where(i):
+    import time
+    time.sleep(1)
+    return ray.util.get_node_ip_address()
+print("NODES", sorted(set(ray.get([where.remote(i) for i in range(6)]))))
+"""
+
+
+@pytest.mark.slow
+def test_a_token_cluster_is_joined_with_the_token_found_and_refused_in_one_line(tmp_path):
+    """Nodes started with RAY_AUTH_MODE=token and the token in ~/.ray/auth_token (a private
+    HOME): a driver whose ~/.ray/auth_token or RAY_AUTH_TOKEN holds it joins with
+    RAY_AUTH_MODE unset and runs tasks on both nodes; one without it is refused in one
+    line that names authentication and the fix, with none of Ray's retry warnings."""
+    token = secrets.token_hex(32)
+    home, bare = tmp_path / "home", tmp_path / "bare"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(token)
+    bare.mkdir()
+    nodes = {"HOME": str(home), "RAY_AUTH_MODE": "token"}
+    with ray_cluster(workers=("127.0.0.3",), extra_env=nodes) as cluster:
+        address = cluster["address"]
+        for how, driver in (("token file", {"HOME": str(home)}),
+                            ("RAY_AUTH_TOKEN", {"HOME": str(bare), "RAY_AUTH_TOKEN": token})):
+            joined = run([sys.executable, "-c", JOIN, address], 180,
+                         env=env(RAY_AUTH_MODE=None, **driver))
+            assert joined.returncode == 0, (how, joined.stdout[-2000:] + joined.stderr[-3000:])
+            assert "NODES ['127.0.0.2', '127.0.0.3']" in joined.stdout, (how, joined.stdout)
+        cfg = write_toml(tmp_path / "t.toml", {**TINY, "study": "t", "groups": ["baseline"]})
+        refused = run(kdsearch("tune", "--config", str(cfg), "--storage", str(tmp_path / "s"),
+                               "--address", address), 300,
+                      env=env(RAY_AUTH_MODE=None, HOME=str(bare)))
+    lines = [x for x in refused.stderr.splitlines() if x.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+    assert lines[0].startswith("kdsearch tune: error: address: token authentication failed")
+    assert "this driver has no token" in lines[0], lines[0]
+    assert "RAY_AUTH_TOKEN" in lines[0] and "~/.ray/auth_token" in lines[0], lines[0]
+    assert "InvalidAuthToken" not in refused.stdout + refused.stderr
+    assert not (bare / ".ray").exists()  # the refused driver wrote no token either
+
+
+@pytest.mark.slow
+def test_a_private_ray_instance_writes_no_token_to_home(tmp_path):
+    """kdsearch's private Ray keeps token authentication on (its ports listen on every
+    interface) but leaves no ~/.ray/auth_token, which would turn authentication on for this
+    user's next `ray start --head` and lock out workers started without a token."""
+    home = tmp_path / "home"
+    home.mkdir()
+    script = (
+        "import os\n"
+        "from search.tune import init_ray\n"
+        "init_ray(None, num_cpus=1)\n"
+        "import ray\n"
+        "one = ray.get(ray.remote(lambda: 1).remote())\n"
+        "print('MODE', os.environ.get('RAY_AUTH_MODE'), 'TASK', one)\n")
+    done = run([sys.executable, "-c", script], 180, env=env(RAY_AUTH_MODE=None, HOME=str(home)))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "MODE token TASK 1" in done.stdout, done.stdout
+    assert "Token authentication" not in done.stderr, done.stderr[-2000:]
+    assert not (home / ".ray" / "auth_token").exists()

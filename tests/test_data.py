@@ -207,6 +207,49 @@ def test_per_class_subsetting():
     assert matches.tolist() == [1] * 100
 
 
+def _raw(train_x: np.ndarray):
+    """``_load_raw``'s answer for a constructed training split (labels 0, 1, 0, 1, ...)."""
+    train_y = np.arange(len(train_x), dtype=np.int64) % 2
+    test_x, test_y = train_x[:2].copy(), train_y[:2].copy()
+    return lambda spec: (train_x, train_y, test_x, test_y, ("a", "b"))
+
+
+def test_mean_and_std_of_a_hand_computed_split(monkeypatch):
+    # 4 pixels (2 images of 1x2): channel 0 is 0, 255, 0, 255 -> mean 0.5, std 0.5;
+    # channel 1 is 51 everywhere -> mean 0.2, std 0; channel 2 is 0, 0, 0, 255 -> mean
+    # 0.25, std sqrt((3 * 0.25^2 + 0.75^2) / 4) = sqrt(0.1875) = sqrt(3) / 4.
+    x = np.array([[[[0, 51, 0], [255, 51, 0]]], [[[0, 51, 0], [255, 51, 255]]]], np.uint8)
+    monkeypatch.setattr(kdata, "_load_raw", _raw(x))
+    d = load_data("constructed", val_size=0)
+    assert d.mean == pytest.approx((0.5, 0.2, 0.25), abs=1e-12)
+    assert d.std == pytest.approx((0.5, 0.0, 3 ** 0.5 / 4), abs=1e-12)
+    # Accumulated over chunks of one pixel each, the same numbers.
+    monkeypatch.setattr(kdata, "STATS_CHUNK_VALUES", 3)
+    mean, std = kdata.channel_stats(x)
+    assert mean == pytest.approx((0.5, 0.2, 0.25), abs=1e-12)
+    assert std == pytest.approx((0.5, 0.0, 3 ** 0.5 / 4), abs=1e-12)
+
+
+def test_mean_and_std_need_no_float_copy_of_the_training_split(monkeypatch):
+    """The statistics of a 30 MB training split stay far below one float64 copy of it
+    (240 MB; computing them on such a copy took twice that at its peak)."""
+    import tracemalloc
+
+    x = np.random.default_rng(0).integers(0, 256, size=(10_000, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(kdata, "_load_raw", _raw(x))
+    float64_copy = x.size * 8
+    tracemalloc.start()
+    try:
+        d = load_data("constructed", val_size=100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < float64_copy / 2, f"peak {peak / 2**20:.0f} MiB"
+    pixels = d.train_x.reshape(-1, 3).double() / 255  # a float64 reference, outside the bound
+    np.testing.assert_allclose(d.mean, pixels.mean(0).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(d.std, pixels.std(0, unbiased=False).numpy(), rtol=1e-9)
+
+
 @pytest.mark.parametrize("spec", ["nope", "synthetic:1", "synthetic:x", "imagefolder:"])
 def test_bad_specs_raise_data_error(spec):
     with pytest.raises(DataError):

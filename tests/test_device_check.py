@@ -29,12 +29,13 @@ def _load_device_check():
 @pytest.fixture
 def no_ray_no_optuna(tmp_path) -> Path:
     """A folder that, first on PYTHONPATH, makes ``import ray``/``import optuna`` fail as on
-    the device image (where neither is installed)."""
+    the device image (where neither is installed): packages whose ``__init__`` raises
+    ImportError, which ``pytest.importorskip`` does not turn into a skip either."""
     blocker = tmp_path / "blocker"
-    blocker.mkdir()
     for name in ("ray", "optuna"):
-        (blocker / f"{name}.py").write_text(
-            f"raise ModuleNotFoundError(\"No module named '{name}'\", name={name!r})\n")
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(
+            f"raise ImportError({name + ' is not installed on the device image'!r})\n")
     return blocker
 
 
@@ -69,7 +70,10 @@ def test_dry_run_without_ray_or_optuna_writes_every_result(tmp_path, no_ray_no_o
         "device", "cuda-tests", "bench", "bench-k", "bench-compile", "ministudy", "report"}
     tests = (out / "cuda-tests.txt").read_text()
     assert "error" not in tests.lower() and "passed" not in tests  # collected, all skipped
-    assert tests.count("no CUDA device") >= 4 and "could not import 'ray'" in tests
+    assert tests.count("no CUDA device") >= 4
+    stage = next(s for s in summary["stages"] if s["stage"] == "cuda-tests")
+    assert "tests/test_gpu_path.py" in stage["argv"] and "tests" not in stage["argv"]
+    assert not {"tests/test_search.py", "tests/test_cluster_search.py"} & set(stage["argv"])
 
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     single = {(r["group"], r["feed"]) for r in rows
@@ -104,6 +108,20 @@ def test_dry_run_without_ray_or_optuna_writes_every_result(tmp_path, no_ray_no_o
     assert "## Test accuracy over seeds" in report and "| combined | 2 |" in report
     assert "No epochs recorded" not in report and "| combined | fa |" in report  # health
     assert len((out / "ministudy-runs.csv").read_text().strip().splitlines()) == 11
+
+
+def test_cuda_test_files_are_the_files_of_pytests_cuda_selection():
+    """The cuda-tests stage reads the files' text instead of importing them; pytest's own
+    ``-m cuda`` selection (Ray and Optuna installed here, so every module collects) must
+    pick tests from exactly those files."""
+    files = _load_device_check().cuda_test_files()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
+         "-p", "no:cacheprovider", "tests"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    selected = {line.split("::", 1)[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert selected and sorted(selected) == files
 
 
 def test_stage_past_its_deadline_is_killed_with_its_children(tmp_path, monkeypatch):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from search.reproduce import planned_runs
 from search.sink import ParquetSink, part_files, read_table
@@ -57,8 +57,10 @@ def test_planned_runs_refuse_a_group_without_trials(tmp_path):
 
 
 def _kdsearch(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+    """``kdsearch ARGS`` as a subprocess; when it ends or times out, nothing it started (its
+    private Ray, Ray's workers) is left running (``helpers.run``)."""
+    return run([sys.executable, "-m", "search.cli", *args], timeout, cwd=REPO,
+               env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,6 +10,7 @@ by process id; all traffic stays on loopback addresses.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import os
 import re
@@ -33,10 +34,12 @@ from helpers import (
     descendants,
     env,
     kdsearch,
-    kill_tree,
     processes,
     ray_cluster,
+    run,
+    spawn,
     tiny,
+    wait_for,
     write_toml,
 )
 
@@ -46,23 +49,27 @@ from search.study import config_from_study_json, group_params, read_study_json
 SEARCH_KEYS = ("trial_id", "attempt", "epoch")
 
 
-def _start(argv: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
-    """Start a driver in its own session, output to ``log``."""
-    with open(log, "wb") as fh:
-        return subprocess.Popen(argv, cwd=REPO, env=env(**extra_env), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+@contextlib.contextmanager
+def _started(argv: list[str], log: Path, **extra_env: str):
+    """A driver in its own session, output to ``log``; when the block ends (or fails) the
+    driver, its local Ray and every worker it started are killed (``helpers.spawn``)."""
+    with open(log, "wb") as fh, spawn(argv, env=env(**extra_env), stdout=fh,
+                                      stderr=subprocess.STDOUT) as proc:
+        yield proc
 
 
 def _wait_for_rows(proc: subprocess.Popen, log: Path, study_dir: str, ready, timeout=300):
     """Poll the ``epochs`` table until ``ready(rows)``; the driver must still be running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    def rows_ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"driver ended (rc {proc.poll()})")
         rows = read_raw(study_dir, "epochs")
-        if len(rows) and ready(rows):
-            return rows
-        time.sleep(0.2)
-    raise AssertionError(f"driver ended or timed out (rc {proc.poll()}): "
-                         f"{log.read_text(errors='replace')[-3000:]}")
+        return (rows,) if len(rows) and ready(rows) else None
+
+    try:
+        return wait_for(rows_ready, timeout, "epoch rows", period=0.2)[0]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {log.read_text(errors='replace')[-3000:]}") from None
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout=400) -> int:
@@ -118,8 +125,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(tmp_path):
     cfg = write_toml(tmp_path / "wk.toml", settings)
     store, log = tmp_path / "store", tmp_path / "tune.log"
     study_dir = str(store / "wk")
-    proc = _start(kdsearch("tune", "--config", str(cfg), "--storage", str(store)), log)
-    try:
+    with _started(kdsearch("tune", "--config", str(cfg), "--storage", str(store)), log) as proc:
         _wait_for_rows(proc, log, study_dir, lambda r: (r.epoch >= 1).any())
         below = descendants([proc.pid])
         workers = [pid for pid in below if "ImplicitFunc" in cmdline(pid)]
@@ -128,12 +134,14 @@ def test_worker_killed_mid_epoch_resumes_exactly(tmp_path):
         for pid in below:
             if "dashboard/dashboard.py" in cmdline(pid):
                 assert "--host=127.0.0.1" in cmdline(pid) and "--minimal" in cmdline(pid)
-        time.sleep(0.5)  # well inside epoch 2 (epochs take seconds)
+        # The epoch-1 checkpoint is on disk (the worker writes it before it reports)...
+        wait_for(lambda: list((store / "wk" / "ray" / "search").glob("*/checkpoint_000000")),
+                 60, "the epoch-1 checkpoint")
+        # ...and the driver registers it with one call to the worker, which leaves no trace
+        # on disk: a margin for that call, far inside epoch 2 (epochs take 3-4 s).
+        time.sleep(0.5)
         os.kill(workers[0], signal.SIGKILL)
         rc = _finish(proc, log)
-    finally:
-        kill_tree([proc.pid])
-        proc.wait()
     assert rc == 0, log.read_text(errors="replace")[-3000:]
     assert not any(p in {pid for pid, _, _ in processes()} for p in workers)
 
@@ -194,20 +202,21 @@ def test_driver_killed_then_resume_loses_nothing(tmp_path):
     store, log = tmp_path / "store", tmp_path / "first.log"
     cmd = kdsearch("tune", "--config", str(cfg), "--storage", str(store), "--study", "r")
     study_dir = str(store / "r")
-    proc = _start(cmd, log)
-    try:
-        _wait_for_rows(proc, log, study_dir,
-                       lambda r: r.groupby("trial_id").epoch.max().max() >= 2)
-        time.sleep(1.0)
-        killed = 1 + len(descendants([proc.pid]))  # the driver, its local Ray and workers
-    finally:
-        kill_tree([proc.pid])
-        proc.wait()
+    with _started(cmd, log) as proc:
+        rows = _wait_for_rows(proc, log, study_dir,
+                              lambda r: r.groupby("trial_id").epoch.max().max() >= 2)
+        # Tune saved its experiment state (which trial has which checkpoint) after that
+        # report: what --resume restores from (it saves every few trial checkpoints).
+        reported = rows.loc[rows.epoch >= 2, "timestamp"].min()
+        wait_for(lambda: any(f.stat().st_mtime > reported for f in
+                             (store / "r" / "ray" / "search").glob("experiment_state-*.json")),
+                 60, "Tune to save its experiment state after epoch 2")
+        killed = len(proc.watch.alive())  # the driver, its local Ray and workers
+        proc.reap()
     before = read_table(study_dir, "trials")
     assert len(before) < 3  # it really was interrupted
     rows_before = read_raw(study_dir, "epochs")
-    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=400)
+    done = run(cmd + ["--resume"], 400, env=env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "search summary" in done.stdout
 
@@ -267,9 +276,8 @@ def test_worker_node_killed_trials_finish_on_the_head(tmp_path):
     store, log = tmp_path / "store", tmp_path / "tune.log"
     study_dir = str(store / "nk")
     with ray_cluster(workers=("127.0.0.3",), extra_env=FAST_NODE_DEATH) as cluster:
-        proc = _start(kdsearch("tune", "--config", str(cfg), "--storage", str(store),
-                               "--address", cluster["address"]), log)
-        try:
+        with _started(kdsearch("tune", "--config", str(cfg), "--storage", str(store),
+                               "--address", cluster["address"]), log) as proc:
             _wait_for_rows(proc, log, study_dir, lambda r: (r.node == "127.0.0.3").any())
             # the worker node: everything its `ray start` session started, and their children
             node_session = cluster["leaders"][1]
@@ -287,9 +295,6 @@ def test_worker_node_killed_trials_finish_on_the_head(tmp_path):
                 except ProcessLookupError:
                     pass
             rc = _finish(proc, log)
-        finally:
-            kill_tree([proc.pid])
-            proc.wait()
     assert rc == 0, log.read_text(errors="replace")[-3000:]
     config = config_from_study_json(read_study_json(str(store), "nk"))
     trials = check_search_tables(study_dir, config, "baseline")
@@ -322,8 +327,7 @@ def diverged_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("diverge")
     cfg = write_toml(root / "div.toml", DIVERGE)
     store = root / "store"
-    done = subprocess.run(kdsearch("tune", "--config", str(cfg), "--storage", str(store)),
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+    done = run(kdsearch("tune", "--config", str(cfg), "--storage", str(store)), 400, env=env())
     return store, done
 
 
@@ -536,9 +540,8 @@ def _run_cli(argv: list[str], extra_env: dict[str, str], subprocess_: bool, capf
         # Ray's default environment (token authentication on): starting Ray would print.
         base = {k: v for k, v in os.environ.items()
                 if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-        proc = subprocess.run(kdsearch(*argv), cwd=REPO, capture_output=True, text=True,
-                              timeout=300, env={**base, "PYTHONPATH": str(REPO),
-                                                "RAY_USAGE_STATS_ENABLED": "0", **extra_env})
+        proc = run(kdsearch(*argv), 300, env={**base, "PYTHONPATH": str(REPO),
+                                              "RAY_USAGE_STATS_ENABLED": "0", **extra_env})
         return proc.returncode, proc.stderr
     from search.cli import main
 

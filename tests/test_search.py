@@ -6,14 +6,13 @@ send traffic to loopback addresses only and stop every process they start by pro
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 
 pytest.importorskip("ray")  # every test here needs Ray (the device image has none)
 
-from helpers import REPO, TINY, check_search_tables, env, kdsearch, ray_cluster, tiny, write_toml
+from helpers import TINY, check_search_tables, env, kdsearch, ray_cluster, run, tiny, write_toml
 
 from search.callback import classify
 from search.cli import main
@@ -193,7 +192,7 @@ def test_diverged_and_failed_trials_are_classified(tmp_path, ray_shutdown):
     from search.trainable import SharedInputs, train_trial
     from search.tune import init_ray, optuna_storage_url, run_search
 
-    def run(config: StudyConfig):  # as run_tune runs it, but without a teacher
+    def search(config: StudyConfig):  # as run_tune runs it, but without a teacher
         inputs = SharedInputs(data=ray.put(config.load_data()))
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, study=config, inputs=inputs), {"cpu": 1})
@@ -202,7 +201,7 @@ def test_diverged_and_failed_trials_are_classified(tmp_path, ray_shutdown):
     # lr = 1e6 makes the loss non-finite in epoch 1: a `diverged` row, no retry, no epoch row.
     config = tiny(tmp_path, study="div", groups=["baseline"], samples=1, max_epochs=2, lr=1e6)
     init_ray(config)
-    assert run(config) is not None
+    assert search(config) is not None
     t = read_table(config.study_dir, "trials")
     assert t.status.tolist() == ["diverged"] and t.epochs_run.tolist() == [0]
     assert "non-finite" in t.error.item() and read_table(config.study_dir, "epochs").empty
@@ -210,7 +209,7 @@ def test_diverged_and_failed_trials_are_classified(tmp_path, ray_shutdown):
     # kd without a teacher raises in every attempt: retried twice, then a `failed` row, and
     # Optuna is told FAIL.
     config = tiny(tmp_path, study="fail", groups=["kd"], samples=1, max_epochs=2)
-    assert run(config) is not None
+    assert search(config) is not None
     t = read_table(config.study_dir, "trials")
     assert t.status.tolist() == ["failed"] and "teacher" in t.error.item()
     import optuna
@@ -226,10 +225,8 @@ def test_two_node_cluster(tmp_path):
         settings = {**TINY, "groups": ["baseline"], "samples": 2, "max_epochs": 2}
         cfg = write_toml(tmp_path / "n.toml", settings)
         store = tmp_path / "store"
-        done = subprocess.run(
-            kdsearch("tune", "--config", str(cfg), "--storage", str(store), "--study", "n",
-                     "--address", cluster["address"]),
-            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        done = run(kdsearch("tune", "--config", str(cfg), "--storage", str(store), "--study", "n",
+                            "--address", cluster["address"]), 300, env=env())
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         epochs = read_table(str(store / "n"), "epochs")
         assert set(epochs.node) == {"127.0.0.2", "127.0.0.3"}

@@ -3,6 +3,7 @@ in the middle of a compaction, other Parquet readers, and the light ``analyze`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, env, kill_tree
+from helpers import env, run, spawn
 
 from analysis import layout, load_study
 from analysis.constants import SCHEMAS
@@ -69,17 +70,27 @@ def partition_names(study_dir: str, table: str, group: str) -> list[str]:
 
 
 @pytest.fixture
-def procs():
-    """Processes a test starts (each in its own session), killed by id at the end."""
-    started: list[subprocess.Popen] = []
-    yield started
-    kill_tree([p.pid for p in started])
+def start():
+    """``start(script, *args)``: ``python -c script args`` in its own session; when the test
+    ends (passed or not) it and everything it started are killed by id (``helpers.spawn``)."""
+    with contextlib.ExitStack() as stack:
+        def started(script: str, *args: str) -> subprocess.Popen:
+            return stack.enter_context(spawn([sys.executable, "-c", script, *args], env=env(),
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        yield started
 
 
-def start(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+def _count(path: Path) -> int:
+    """The number in ``path`` (0 while it does not exist); written by ``_set_count``."""
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _set_count(path: Path, n: int) -> None:
+    path.with_suffix(".tmp").write_text(str(n))
+    path.with_suffix(".tmp").replace(path)  # atomic: a reader sees the old or the new number
 
 
 # ---------------------------------------------------------------- layout and compaction
@@ -146,22 +157,37 @@ def test_the_sink_compacts_a_partition_every_n_appends(tmp_path: Path, monkeypat
     assert len(partition_names(study, "epochs", "at")) == 1
 
 
-def test_compaction_beside_a_writer_loses_nothing(tmp_path: Path, procs) -> None:
-    """A search appends while compactions (margin 0.2 s) run: every row ends up once."""
+WRITER = """
+import sys, time
+from pathlib import Path
+from search.sink import ParquetSink
+s = ParquetSink(sys.argv[1])
+done = Path(sys.argv[2])  # how many compactions the test has run so far
+for i in range(300):
+    if i in (100, 200, 299):  # interleave: rows 100, 200, 299 wait for 1, 2, 3 compactions
+        deadline = time.monotonic() + 120
+        while int(done.read_text() if done.exists() else 0) < i // 100 + (i == 299):
+            assert time.monotonic() < deadline, "the test stopped compacting"
+            time.sleep(0.01)
+    s.append('epochs', 'kd', [{'trial_id': f't{i}', 'attempt': 0, 'epoch': 1,
+                               'timestamp': time.time()}])
+    time.sleep(0.005)
+"""
+
+
+def test_compaction_beside_a_writer_loses_nothing(tmp_path: Path, start) -> None:
+    """A search appends while compactions (margin 0.2 s) run: every row ends up once. The
+    writer waits at rows 100, 200 and 299 until 1, 2 and 3 compactions have run, so at least
+    three run while it writes, however fast or slow either side is."""
     study = str(tmp_path / "s")
-    writer = start(
-        "import sys, time; from search.sink import ParquetSink\n"
-        "s = ParquetSink(sys.argv[1])\n"
-        "for i in range(300):\n"
-        "    s.append('epochs', 'kd', [{'trial_id': f't{i}', 'attempt': 0, 'epoch': 1,"
-        " 'timestamp': time.time()}])\n"
-        "    time.sleep(0.005)\n", study)
-    procs.append(writer)
+    done = tmp_path / "compactions"
+    writer = start(WRITER, study, str(done))
     rounds = 0
     while writer.poll() is None:
         if Path(study, "epochs", "group=kd").is_dir():
             compact_group(study, "kd", ("epochs",), min_age_s=0.2)
             rounds += 1
+            _set_count(done, rounds)
         time.sleep(0.05)
     assert writer.returncode == 0, writer.stderr.read().decode()[-2000:]
     compact_group(study, "kd", ("epochs",))
@@ -173,6 +199,7 @@ def test_compaction_beside_a_writer_loses_nothing(tmp_path: Path, procs) -> None
 
 STEPWISE = """
 import sys, time
+from pathlib import Path
 import pyarrow.fs as pafs
 from analysis import layout
 from search.compact import compact_partition
@@ -183,28 +210,38 @@ for table in ("epochs", "trials"):
     for g in ("kd", "at"):
         folder = f"{study}/{table}/group={g}"
         stamps[table, g] = [layout.entry(p).lo for p in layout.visible_files(fs, folder)]
+step_file, seen_file = Path(sys.argv[2]), Path(sys.argv[3])
 for step in range(1, 13):
     for (table, g), times in stamps.items():
         cutoff = times[min(len(times) - 1, step * len(times) // 12)] + 1
         compact_partition(fs, f"{study}/{table}", g, table, cutoff)
-    time.sleep(0.05)
+    step_file.with_suffix(".tmp").write_text(str(step))
+    step_file.with_suffix(".tmp").replace(step_file)
+    deadline = time.monotonic() + 120  # until a whole read began after this step
+    while int(seen_file.read_text() if seen_file.exists() else 0) < step:
+        assert time.monotonic() < deadline, "the reader stopped reading"
+        time.sleep(0.01)
 print("done")
 """
 
 
-def test_reader_beside_compaction_sees_every_row_once(tmp_path: Path, procs) -> None:
+def test_reader_beside_compaction_sees_every_row_once(tmp_path: Path, start) -> None:
     """Compactions merge more and more of each partition while a reader reads in a loop:
-    every read returns exactly the rows written, none missing, none twice."""
+    every read returns exactly the rows written, none missing, none twice. The compactor
+    waits after each of its 12 steps until a whole read began after it (its 12 states are
+    all read, however fast or slow either side is)."""
     study = str(tmp_path / "s")
     write_parts(study, epochs_per_group=300)
     expected = {t: read_raw(study, t) for t in ("epochs", "trials")}
-    compactor = start(STEPWISE, study)
-    procs.append(compactor)
+    step_file, seen_file = tmp_path / "step", tmp_path / "seen"
+    compactor = start(STEPWISE, study, str(step_file), str(seen_file))
     reads, states = 0, set()
     while compactor.poll() is None:
+        step = _count(step_file)  # the steps finished before this read began
         states.add(len(part_files(study, "epochs")[2]))
         assert_same_rows(study, expected)
         reads += 1
+        _set_count(seen_file, step)
     assert compactor.returncode == 0, compactor.stderr.read().decode()[-2000:]
     assert_same_rows(study, expected)
     assert reads >= 3 and len(states) >= 3, (reads, states)  # it did read mid-compaction
@@ -219,7 +256,7 @@ compact_group(sys.argv[1], "kd", ("epochs",))
 
 
 def test_compaction_killed_midway_loses_nothing_and_a_rerun_finishes(tmp_path: Path,
-                                                                     procs) -> None:
+                                                                     start) -> None:
     """SIGKILL the compaction as soon as its compacted file appears, while it deletes the
     parts it replaced: readers still see every row once; the next run finishes the job."""
     study = str(tmp_path / "s")
@@ -227,7 +264,6 @@ def test_compaction_killed_midway_loses_nothing_and_a_rerun_finishes(tmp_path: P
     expected = snapshot(study)
     folder = Path(study, "epochs", "group=kd")
     proc = start(KILLABLE, study)
-    procs.append(proc)
     compacted: list[str] = []
     while proc.poll() is None and not compacted:
         compacted = [n for n in os.listdir(folder) if layout.COMPACTED.fullmatch(n)]
@@ -331,8 +367,7 @@ def run_cli(*args: str, code: str = "") -> subprocess.CompletedProcess:
     """``kdsearch ARGS`` in a fresh interpreter; ``code`` runs after it (``rc`` is set)."""
     script = ("import sys\nfrom search.cli import main\n"
               f"rc = main({list(args)!r})\n{code}\nsys.exit(rc)\n")
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
+    return run([sys.executable, "-c", script], 300, env=env())
 
 
 HEAVY = ("print('heavy:', sorted({m.split('.')[0] for m in sys.modules} "
