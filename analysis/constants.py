@@ -85,7 +85,7 @@ KEYS: dict[str, list[str]] = {
 
 
 SPEED_FILE = "speed.json"
-"""A study's size and speed per architecture (``search.speed.measure_architectures``)."""
+"""A study's size and speed per architecture (``search.engine.speed.measure_architectures``)."""
 
 
 def describe_arch(arch: object, width: object, cbam: object, stem: object) -> str:

@@ -10,8 +10,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis._io import atomic_write_bytes
 from analysis.constants import GROUPS, ordered_groups
+from analysis.files import write_bytes
 from analysis.tables import latest_attempt
 
 
@@ -33,7 +33,7 @@ def save(fig: Figure, path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
-    return atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(write_bytes(Path(path), buffer.getvalue()))
 
 
 TOP_K = 5

@@ -9,7 +9,6 @@ from typing import Any
 
 import pandas as pd
 
-from analysis._io import atomic_write_text
 from analysis.constants import (
     CFG_COLUMNS,
     SPEED_FILE,
@@ -17,6 +16,7 @@ from analysis.constants import (
     describe_arch,
     ordered_groups,
 )
+from analysis.files import write_text
 from analysis.importance import MIN_TRIALS, param_importance
 from analysis.plots import plot_asha, plot_learning_curves, plot_robustness, plot_test_accuracy
 from analysis.stats import (
@@ -190,7 +190,7 @@ def speed_section(speed: Mapping[str, Any], config: Mapping[str, Any],
         groups = (models.get("student") or {}).get("groups") or []
         who = f" ({', '.join(f'`{g}`' for g in groups)})" if groups else ""
         lines += [
-            f"Measured once per architecture (`{SPEED_FILE}`, `search.speed`) on "
+            f"Measured once per architecture (`{SPEED_FILE}`, `search.engine.speed`) on "
             f"`{speed.get('device')}` ({speed.get('device_name') or 'unnamed device'}), "
             f"precision {speed.get('precision')}, {speed.get('torch_threads')} torch threads, "
             "when no run competed: "
@@ -465,7 +465,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     lines += status_section(study.trials, outcomes)
     lines += robustness_section(study.robustness, groups)
     lines += figures_section(draw_figures(study, comparison, out))
-    return atomic_write_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
+    return Path(write_text(out / "report.md", "\n".join(lines).rstrip() + "\n"))
 
 
 def export_comparison(study_dir: str | Path, fmt: str) -> str:

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis.constants import COLUMNS, KEYS, PARTITION, STRICT, frame_schema
+from analysis.files import resolve
 from analysis.layout import entry, list_files, split
 
 
@@ -35,15 +36,6 @@ class Study:
     def name(self) -> str:
         """The study's name from ``study.json``, else empty."""
         return str(self.config.get("study", ""))
-
-
-def resolve(study_dir: str | Path) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and path for a local path or a URI such as ``s3://bucket/study``."""
-    text = str(study_dir)
-    if "://" in text:
-        fs, path = pafs.FileSystem.from_uri(text)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(text).resolve())
 
 
 def load_study(study_dir: str | Path) -> Study:

@@ -11,7 +11,7 @@ test files that hold ``cuda``-marked tests, ``cuda_test_files``: the image has n
 other files, which need it, are not collected),
 ``bench`` (all five groups, device feed vs DataLoader, K = 1, plus the ResNet-50 rate
 the teacher plan needs), ``bench-k`` (K = 2 and 4 processes sharing the GPU),
-``bench-compile`` (``torch.compile`` on), ``ministudy`` (``search.ministudy``: the paper's
+``bench-compile`` (``torch.compile`` on), ``ministudy`` (``search.bench.ministudy``: the paper's
 models on the full split, epochs planned from the bench rows) and ``report`` (the analyze
 report and the tables). Files under ``$OUT`` (8 at most come back from the device):
 
@@ -194,7 +194,7 @@ def _bench(c: Check, stage: str, extra: list[str], tags: dict, env: dict | None 
         sizes = ["--device", "cuda", "--batch", "64", "--steps", "30", "--warmup", "5",
                  "--workers", "8", "--precision", "bf16"]
     raw = c.work / f"{stage}.jsonl"
-    c.run(stage, [c.py, "-m", "search.cli", "bench", "--json", *sizes, *extra], raw, env=env)
+    c.run(stage, [c.py, "-m", "search", "bench", "--json", *sizes, *extra], raw, env=env)
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.startswith("{")]
     with (c.out / "bench.jsonl").open("a") as fh:
         for row in rows:
@@ -216,7 +216,7 @@ def stage_bench(c: Check) -> None:
 
 def stage_ministudy(c: Check) -> None:
     budget = c.deadline("ministudy") - c.elapsed() - 5  # it stops itself before the kill
-    argv = [c.py, "-m", "search.ministudy", "run", "--data", c.args.data,
+    argv = [c.py, "-m", "search.bench.ministudy", "run", "--data", c.args.data,
             "--storage", str(c.work / "store"), "--bench", str(c.out / "bench.jsonl"),
             "--budget-s", f"{budget:.0f}", "--k-choices", ",".join(map(str, c.ks()))]
     if c.args.dry_run:
@@ -226,7 +226,7 @@ def stage_ministudy(c: Check) -> None:
 
 
 def stage_report(c: Check) -> None:
-    c.run("report", [c.py, "-m", "search.ministudy", "report", "--storage",
+    c.run("report", [c.py, "-m", "search.bench.ministudy", "report", "--storage",
                      str(c.work / "store"), "--out", str(c.out)], c.out / "ministudy.log",
           append=True)
 

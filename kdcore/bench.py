@@ -24,11 +24,11 @@ import torch
 
 from .config import TrialConfig
 from .data import Dataset, train_batches
+from .evaluate import synchronizer
 from .memory import keep_freed_memory
 from .models import build_model
-from .objective import build_connectors
 from .precision import resolve_precision
-from .train import build_student, prepare_teacher, train_step
+from .train import prepare_teacher, train_step, trainable_modules
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name match.
 PEAK_BF16_TFLOPS = {
@@ -152,10 +152,8 @@ def peak_bf16_tflops(device: str) -> float | None:
 def _setup(spec: BenchSpec, data: Dataset):
     """(config, student, its forward, teacher, connectors, optimizer) for ``spec``."""
     config = _config(spec)
-    cuda = spec.device.startswith("cuda")
-    if not cuda:
+    if not spec.device.startswith("cuda"):
         keep_freed_memory()  # as fit does (kdcore.memory)
-    student = build_student(config, data.num_classes).to(spec.device)
     teacher = None
     if config.needs_teacher:
         teacher = prepare_teacher(
@@ -167,10 +165,7 @@ def _setup(spec: BenchSpec, data: Dataset):
             ),
             config,
         )
-    connectors = build_connectors(config, student, teacher).to(spec.device)
-    if cuda:
-        student = student.to(memory_format=torch.channels_last)
-        connectors = connectors.to(memory_format=torch.channels_last)
+    student, connectors = trainable_modules(config, data.num_classes, teacher)  # as fit's
     forward = torch.compile(student) if spec.compile else student
     params = list(student.parameters()) + list(connectors.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -182,7 +177,7 @@ def run_bench(spec: BenchSpec, data: Dataset) -> dict:
     config, student, forward, teacher, connectors, optimizer = _setup(spec, data)
     cuda = spec.device.startswith("cuda")
     batches = _batches(spec, data, config)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(spec.device)
 
     for _ in range(spec.warmup):
         xb, yb = next(batches)
@@ -280,7 +275,7 @@ def alternate(specs: list[BenchSpec], data: Dataset, rounds: int) -> list[dict]:
     _, student, forward, teacher, connectors, optimizer = _setup(specs[0], data)
     configs = [_config(s) for s in specs]
     feeds = [_batches(s, data, c) for s, c in zip(specs, configs, strict=True)]
-    sync = torch.cuda.synchronize if specs[0].device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(specs[0].device)
     wall: list[list[float]] = [[] for _ in specs]
     cpu: list[list[float]] = [[] for _ in specs]
     try:

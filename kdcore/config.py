@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .models import ARCHITECTURES, STAGES
+from .names import (
+    ARCHITECTURE_NAMES,
+    GROUP_TERMS,
+    GROUPS,
+    MASK_TARGETS,
+    MASKED_TERMS,
+    PRECISIONS,
+    STAGES,
+    STEMS,
+    TERMS,
+)
 
-GROUPS = ("baseline", "kd", "fa", "at", "combined")
-TERMS = ("ce", "kl", "at", "fa")
+if TYPE_CHECKING:
+    from .data import Dataset
 
-# The loss terms each of the paper's five groups may use.
-GROUP_TERMS: dict[str, tuple[str, ...]] = {
-    "baseline": ("ce",),
-    "kd": ("ce", "kl"),
-    "fa": ("ce", "kl", "fa"),
-    "at": ("ce", "kl", "at"),
-    "combined": ("ce", "kl", "fa", "at"),
-}
+TEACHERS = "teachers"  # the folder of cached teachers, under a study's storage
+
+
+def teacher_file(digest: str) -> str:
+    """The file name of the cached teacher with content hash ``digest``."""
+    return f"teacher-{digest}.pt"
+
+# The names live in ``kdcore.names`` (no torch); GROUPS, TERMS, GROUP_TERMS and MASKED_TERMS
+# are still imported from here by ``search`` and the tests.
 
 # Default weights of a group's terms before any tuning. AT: the attention-transfer codes
 # (Zagoruyko & Komodakis' cifar.py `--beta 1e3`, RepDistiller `-b 1000`, mdistiller
@@ -27,7 +41,6 @@ GROUP_TERMS: dict[str, tuple[str, ...]] = {
 # their setting is w_at = 3 x 1000 = 3000 here. (The paper's equation writes beta/2; the
 # code applies beta.)
 DEFAULT_WEIGHTS = {"ce": 1.0, "kl": 1.0, "at": 3000.0, "fa": 1.0}
-MASKED_TERMS = ("at", "fa")
 
 
 @dataclass(frozen=True)
@@ -107,20 +120,30 @@ class TrialConfig:
         return d
 
 
-def _check(ok: bool, name: str, message: str) -> None:
+def check(ok: bool, name: str, message: str) -> None:
+    """Raise ``ValueError("<name>: <message>")`` unless ``ok`` (every config's validation)."""
     if not ok:
         raise ValueError(f"{name}: {message}")
 
 
-def _finite(x) -> bool:
+def is_number(x: object) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_int(x: object) -> bool:
+    """An int (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_check, _finite = check, is_number
 
 
 def _validate(c: TrialConfig) -> None:
     _check(c.group in GROUP_TERMS, "group", f"unknown {c.group!r}, expected one of {list(GROUPS)}")
     for name in ("student", "teacher"):
         arch = getattr(c, name)
-        _check(arch in ARCHITECTURES, name, f"unknown architecture {arch!r}")
+        _check(arch in ARCHITECTURE_NAMES, name, f"unknown architecture {arch!r}")
         width = getattr(c, f"{name}_width")
         _check(
             _finite(width) and width > 0,
@@ -128,7 +151,7 @@ def _validate(c: TrialConfig) -> None:
             f"must be a finite number > 0, got {width!r}",
         )
     _check(
-        c.stem in ("cifar", "imagenet"), "stem", f"expected 'cifar' or 'imagenet', got {c.stem!r}"
+        c.stem in STEMS, "stem", f"expected 'cifar' or 'imagenet', got {c.stem!r}"
     )
     _check(_finite(c.T) and c.T > 0, "T", f"must be a finite number > 0, got {c.T!r}")
     for term in TERMS:
@@ -143,7 +166,7 @@ def _validate(c: TrialConfig) -> None:
         f"must be in [0, 100), got {c.mask_pct!r}",
     )
     _check(
-        c.mask_target in ("label", "prediction"),
+        c.mask_target in MASK_TARGETS,
         "mask_target",
         f"expected 'label' or 'prediction', got {c.mask_target!r}",
     )
@@ -191,7 +214,92 @@ def _validate(c: TrialConfig) -> None:
         f"expected cpu, cuda, cuda:N or mps, got {c.device!r}",
     )
     _check(
-        c.precision in ("auto", "fp32", "bf16"),
+        c.precision in PRECISIONS,
         "precision",
         f"expected auto, fp32 or bf16, got {c.precision!r}",
     )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How to build and train the teacher."""
+
+    arch: str = "resnet50"
+    width: float = 1.0
+    cbam: bool = True
+    stem: str = "cifar"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    patience: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "auto"  # auto, fp32 or bf16 autocast (kdcore.precision)
+
+    def trial_config(self) -> TrialConfig:
+        """The CE-only ``TrialConfig`` that trains this teacher as a 'student'."""
+        return TrialConfig(
+            group="baseline",
+            student=self.arch,
+            student_width=self.width,
+            student_cbam=self.cbam,
+            stem=self.stem,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            patience=self.patience,
+            seed=self.seed,
+            device=self.device,
+            precision=self.precision,
+        )
+
+    def content_hash(self, data: Dataset) -> str:
+        """Hash of everything that determines the teacher's weights: the cache key.
+
+        It hashes every field of ``trial_config()`` except ``device`` (no hand list: the
+        ``TrialConfig`` defaults the teacher trains with, such as momentum and weight decay,
+        and any field added later are in), with ``precision`` resolved to what it means on
+        the teacher's device (``kdcore.precision.resolve_precision``: ``auto`` on a CPU with
+        bf16, or on CUDA, is ``bf16``), and the dataset fingerprint. Precision goes in: it is
+        part of the recipe (a study setting), and bf16 autocast rounds the inputs of every
+        convolution and matrix product to 8 significant bits, so the teacher trains along
+        another trajectory to other weights; an fp32 study must not silently get a bf16
+        teacher. ``device`` stays out: it says where the recipe runs, not what it is; at one
+        precision two devices run the same computation and differ only in numerics (the
+        order of floating-point sums, cuDNN's choice of kernels), as two runs on one GPU
+        already do, so a teacher trained on a GPU serves the same study on a CPU.
+        """
+        from .precision import resolve_precision  # torch: only when a hash is made
+
+        return self._hash_with(resolve_precision(self.precision, self.device), data)
+
+    def legacy_hash(self, data: Dataset) -> str:
+        """The cache key before issue 16 (precision and the ``TrialConfig`` defaults left out).
+
+        Only for finding the teacher of a study stored with it; new files never use it.
+        """
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("device", "precision")}
+        blob = json.dumps({"teacher": fields, "data": data.fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def cache_keys(self, data: Dataset) -> tuple[str, ...]:
+        """Every key a stored teacher of this config can carry, ``content_hash`` first.
+
+        ``auto`` also accepts the other resolution (a teacher trained on a node whose CPU
+        resolves ``auto`` differently from this one's), then ``legacy_hash``.
+        """
+        keys = [self.content_hash(data)]
+        if self.precision == "auto":
+            keys += [self._hash_with(p, data) for p in PRECISIONS if p != "auto"]
+        keys.append(self.legacy_hash(data))
+        return tuple(dict.fromkeys(keys))
+
+    def _hash_with(self, precision: str, data: Dataset) -> str:
+        fields = self.trial_config().to_dict()
+        del fields["device"]
+        fields["precision"] = precision
+        blob = json.dumps({"trial": fields, "data": data.fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

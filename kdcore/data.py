@@ -19,10 +19,8 @@ seed see identical batches whatever their group: the comparison across groups is
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic import atomic_write
+from .images import DataError, check_size, decode_image, list_tree
+from .jpegpack import decode, read_pack
+
+# DataError, check_size, decode_image and list_tree live in ``kdcore.images`` (shared with
+# ``kdcore.jpegpack``); importing them from here keeps working.
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -43,10 +48,6 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
-
-
-class DataError(ValueError):
-    """The data spec or the files behind it cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -87,65 +88,6 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def decode_image(source: Path | bytes | np.ndarray, name: str) -> np.ndarray:
-    """One image file (a path or its encoded bytes) as uint8 (H, W, 3); errors name ``name``."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        fp = source if isinstance(source, Path) else io.BytesIO(source)
-        with Image.open(fp) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"cannot decode image {name}: {exc}") from None
-
-
-def check_size(img: np.ndarray, name: str, size: tuple[int, int] | None) -> tuple[int, int]:
-    """The common (H, W) of a dataset's images: ``size`` or, for the first image, its own."""
-    size = size or img.shape[:2]
-    if img.shape[:2] != size:
-        raise DataError(
-            f"image {name} is {img.shape[1]}x{img.shape[0]}, expected "
-            f"{size[1]}x{size[0]} like the others"
-        )
-    return size
-
-
-def _list_imagefolder(split_dir: Path) -> dict[str, list[Path]]:
-    if not split_dir.is_dir():
-        raise DataError(f"missing folder {split_dir}")
-    classes = sorted(
-        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
-    if not classes:
-        raise DataError(f"no class folders in {split_dir}")
-    files = {}
-    for cls in classes:
-        # Hidden files (.DS_Store and the like) are skipped; any other file must be an image.
-        paths = sorted(
-            p for p in (split_dir / cls).iterdir() if p.is_file() and not p.name.startswith(".")
-        )
-        if not paths:
-            raise DataError(f"empty class folder {split_dir / cls}")
-        files[cls] = paths
-    return files
-
-
-def list_tree(root: Path) -> tuple[tuple[str, ...], dict[str, dict[str, list[Path]]]]:
-    """(classes, {"train"|"test": {class: sorted file paths}}) of an ImageFolder tree.
-
-    The one listing order behind both ``imagefolder:`` and the JPEG pack of a tree.
-    """
-    if not root.is_dir():
-        raise DataError(f"data path {root} does not exist")
-    files = {split: _list_imagefolder(root / split) for split in ("train", "test")}
-    if list(files["train"]) != list(files["test"]):
-        raise DataError(
-            f"class folders differ between {root / 'train'} and {root / 'test'}: "
-            f"{sorted(set(files['train']) ^ set(files['test']))}"
-        )
-    return tuple(files["train"]), files
-
-
 def _decode_split(files: dict[str, list[Path]], size: tuple[int, int] | None):
     images, labels = [], []
     for label, paths in enumerate(files.values()):
@@ -157,11 +99,8 @@ def _decode_split(files: dict[str, list[Path]], size: tuple[int, int] | None):
     return np.stack(images), np.asarray(labels, dtype=np.int64), size
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-    os.replace(tmp, path)
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
 
 
 def _imagefolder(root: Path):
@@ -189,7 +128,7 @@ def _imagefolder(root: Path):
     try:
         cache.mkdir(parents=True, exist_ok=True)
         for name, arr in zip(names, (train_x, train_y, test_x, test_y), strict=True):
-            _atomic_save_npy(cache / f"{name}.npy", arr)
+            _save_npy(cache / f"{name}.npy", arr)
     except OSError:
         pass  # caching is an optimisation only
     return train_x, train_y, test_x, test_y, classes
@@ -197,8 +136,6 @@ def _imagefolder(root: Path):
 
 def _jpegpack(path: Path):
     """A JPEG pack (``kdcore.jpegpack``): decoded on every load, in parallel (no cache)."""
-    from .jpegpack import decode, read_pack
-
     pack = read_pack(path)
     out, size = [], None
     for split in ("train", "test"):

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from .models import count_parameters
@@ -38,6 +37,8 @@ CORRUPTIONS = tuple(SEVERITY)
 
 def corrupt(x: Tensor, corruption: str, severity: int, g: torch.Generator) -> Tensor:
     """Corrupt a float (B, C, H, W) batch in [0, 1]; ``g`` is a CPU generator."""
+    import torchvision.transforms.v2.functional as TF  # here: training needs no torchvision
+
     c = SEVERITY[corruption][severity - 1]
     b, _, h, w = x.shape
 
@@ -76,46 +77,57 @@ def corrupt(x: Tensor, corruption: str, severity: int, g: torch.Generator) -> Te
 
 
 @torch.no_grad()
-def accuracy(
-    model: nn.Module,
-    x_uint8: Tensor,
-    y: Tensor,
-    mean,
-    std,
-    batch_size: int = 512,
-    transform: Callable[[Tensor], Tensor] | None = None,
-    precision: str = "auto",
+def cross_entropy_and_accuracy(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device, precision: str = "auto"
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on uint8 (N, H, W, C) images, optionally transformed."""
+    """(mean cross-entropy, accuracy) of ``model`` over normalized ``(x, y)`` batches.
+
+    Each forward runs under ``precision``'s autocast on ``device``, where the sums stay until
+    they are read once at the end. The one scoring loop behind ``accuracy`` and
+    ``kdcore.train.evaluate_split``.
+    """
+    precision = resolve_precision(precision, device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for xb, yb in batches:
+        with autocast(precision, device):
+            logits, _ = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+        n += len(yb)
+    n = max(n, 1)
+    return loss_sum.item() / n, correct.item() / n
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x_uint8: Tensor, y: Tensor, mean, std, batch_size: int = 512,
+             transform: Callable[[Tensor], Tensor] | None = None, precision: str = "auto",
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on uint8 (N, H, W, C) images, optionally transformed.
+
+    ``transform`` gets each batch as float [0, 1] images before normalization, outside
+    autocast.
+    """
     model.eval()
     device = next(model.parameters()).device
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(0, len(y), batch_size):
-        xb = x_uint8[i : i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
-        if transform is not None:
-            xb = transform(xb)
-        yb = y[i : i + batch_size].to(device)
-        with autocast(precision, device):
-            logits, _ = model((xb - m) / s)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    n = max(len(y), 1)
-    return loss_sum.item() / n, correct.item() / n
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, len(y), batch_size):
+            xb = x_uint8[i : i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
+            if transform is not None:
+                xb = transform(xb)
+            yield (xb - m) / s, y[i : i + batch_size].to(device)
+
+    return cross_entropy_and_accuracy(model, batches(), device, precision)
 
 
-def robustness(
-    model: nn.Module,
-    x_uint8: Tensor,
-    y: Tensor,
-    mean,
-    std,
-    batch_size: int = 512,
-    corruptions: tuple[str, ...] = CORRUPTIONS,
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
-    precision: str = "auto",
-) -> list[dict]:
+def robustness(model: nn.Module, x_uint8: Tensor, y: Tensor, mean, std, batch_size: int = 512,
+               corruptions: tuple[str, ...] = CORRUPTIONS,
+               severities: tuple[int, ...] = (1, 2, 3, 4, 5), precision: str = "auto",
+               ) -> list[dict]:
     """Accuracy under each corruption and severity: rows of {corruption, severity, acc}."""
     rows = []
     for ci, name in enumerate(corruptions):
@@ -135,7 +147,11 @@ def robustness(
     return rows
 
 
-def _sync(device: str) -> Callable[[], None]:
+def synchronizer(device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work: ``torch.cuda.synchronize`` on CUDA, else nothing.
+
+    Timers call it before reading the clock (here, ``kdcore.bench``, ``kdcore.train``).
+    """
     return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
 
@@ -165,7 +181,7 @@ def speed(
     the number. To compare models, use :func:`measure_interleaved`.
     """
     model = model.to(device).eval()
-    sync = _sync(device)
+    sync = synchronizer(device)
 
     def median_seconds(batch: int, n: int) -> float:
         x = torch.randn(batch, *image_shape, device=device)
@@ -234,7 +250,7 @@ def measure_interleaved(
                          f"{rounds}, {repeats}, {large_repeats}, {warmup})")
     names = list(models)
     nets = {name: models[name].to(device).eval() for name in names}
-    sync = _sync(device)
+    sync = synchronizer(device)
     small = torch.randn(1, *image_shape, device=device)
     large = torch.randn(large_batch, *image_shape, device=device)
     latency: dict[str, list[float]] = {name: [] for name in names}

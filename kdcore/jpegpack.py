@@ -1,8 +1,8 @@
 """A JPEG pack: an ImageFolder tree's encoded images, labels and split in one ``.npz`` file.
 
 The pack keeps the JPEG bytes as they are (no re-encoding), so decoding it gives exactly the
-pixels of decoding the tree's files, in the same order (``kdcore.data`` lists a tree the
-same way for both): ``load_data("jpegpack:FILE")`` has the fingerprint of
+pixels of decoding the tree's files, in the same order (``kdcore.images.list_tree`` lists a
+tree for both): ``load_data("jpegpack:FILE")`` has the fingerprint of
 ``load_data("imagefolder:ROOT")``. It is a plain uncompressed ``np.savez`` archive read with
 ``allow_pickle=False``; zip's CRC-32 of every member catches damaged bytes. Members:
 
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, check_size, decode_image, list_tree
+from .atomic import atomic_write
+from .images import DataError, check_size, decode_image, list_tree
 
 MAGIC = "kdsearch-jpegpack"
 VERSION = 1
@@ -84,19 +84,8 @@ def pack_imagefolder(root: str | Path, out: str | Path) -> tuple[int, int]:
         "labels": np.asarray(labels, dtype=np.int64),
         "split": np.asarray(split, dtype=np.uint8),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # a file object: numpy appends no ".npz" to the name
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the pack from other users
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # A file object: numpy appends no ".npz" to the name.
+    out = atomic_write(out, lambda fh: np.savez(fh, **arrays))
     return len(blobs), out.stat().st_size
 
 

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .names import MASK_TARGETS
+
 
 def keep_count(mask_pct: float, positions: int) -> int:
     """Positions a mask keeps: ceil((1 - mask_pct/100) * positions), at least one."""
@@ -42,16 +44,11 @@ def gradcam(
     return cams
 
 
-def teacher_forward_with_masks(
-    teacher: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    stages: tuple[str, ...],
-    mask_pct: float,
-    target: str = "label",
-) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+def teacher_forward_with_masks(teacher: nn.Module, x: Tensor, y: Tensor, stages: tuple[str, ...],
+                               mask_pct: float, target: str = "label",
+                               ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """One teacher pass giving detached logits, detached stage features and Grad-CAM masks."""
-    if target not in ("label", "prediction"):
+    if target not in MASK_TARGETS:
         raise ValueError(f"target: expected 'label' or 'prediction', got {target!r}")
     with torch.enable_grad():
         # The teacher's weights are frozen, so make the input the leaf that carries the graph.
@@ -63,14 +60,8 @@ def teacher_forward_with_masks(
     return logits.detach(), {k: v.detach() for k, v in features.items()}, masks
 
 
-def gradcam_masks(
-    teacher: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    stages: tuple[str, ...],
-    mask_pct: float,
-    target: str = "label",
-) -> tuple[Tensor, dict[str, Tensor]]:
+def gradcam_masks(teacher: nn.Module, x: Tensor, y: Tensor, stages: tuple[str, ...],
+                  mask_pct: float, target: str = "label") -> tuple[Tensor, dict[str, Tensor]]:
     """Teacher logits and a {stage: (B, H, W) binary mask} from the teacher's Grad-CAM."""
     logits, _, masks = teacher_forward_with_masks(teacher, x, y, stages, mask_pct, target)
     return logits, masks

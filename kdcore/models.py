@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-STAGES = ("layer1", "layer2", "layer3", "layer4")
+from .names import ARCHITECTURE_NAMES, STAGES, STEMS
 
 
 class CBAM(nn.Module):
@@ -111,7 +111,7 @@ class ResNet(nn.Module):
         cbam: bool = False,
     ):
         super().__init__()
-        if stem not in ("cifar", "imagenet"):
+        if stem not in STEMS:
             raise ValueError(f"stem: expected 'cifar' or 'imagenet', got {stem!r}")
         if not width > 0:
             raise ValueError(f"width: must be > 0, got {width}")
@@ -171,7 +171,8 @@ def resnet50(num_classes: int = 10, stem: str = "cifar", width: float = 1.0, cba
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, stem, width, cbam)
 
 
-ARCHITECTURES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+# Builders by name, in the order of ``names.ARCHITECTURE_NAMES`` (the torch-free list).
+ARCHITECTURES = dict(zip(ARCHITECTURE_NAMES, (resnet18, resnet34, resnet50), strict=True))
 
 
 def build_model(

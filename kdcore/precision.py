@@ -14,7 +14,8 @@ import os
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from .names import PRECISIONS
+
 # "1" or "0" forces the answer of ``cpu_supports_bf16`` (tests; CPUs torch misreads).
 CPU_BF16_ENV = "KDSEARCH_CPU_BF16"
 

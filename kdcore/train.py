@@ -7,6 +7,13 @@ Passing such a state as ``checkpoint`` continues exactly where it stopped.
 
 Metrics accumulate on the device; the host reads them once per epoch, so a CUDA step never
 waits for the host. A non-finite loss raises ``DivergedError``.
+
+The file reads top to bottom: what ``fit`` returns, the building blocks (student, teacher,
+learning rate, ``evaluate_split``, ``train_step``), then ``fit`` itself and its phases in
+the order they run, each a function of explicit inputs and outputs: ``set_up``,
+``initial_progress`` (fresh or from a checkpoint), and per epoch ``train_epoch``,
+``mean_train_loss``, ``evaluate_split``, ``early_stopping``, ``epoch_metrics``,
+``next_progress`` and ``checkpoint_state``; ``fit_result`` at the end.
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TERMS, TrialConfig
 from .data import Dataset, eval_batches, train_batches
+from .evaluate import cross_entropy_and_accuracy, synchronizer
 from .memory import keep_freed_memory
 from .models import build_model
 from .objective import build_connectors, gradient_shares, loss_terms, weighted_total
@@ -110,16 +117,10 @@ def evaluate_split(
     """(mean cross-entropy, accuracy) of ``model`` on uint8 images ``x`` without augmentation."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    with autocast(config):
-        for xb, yb in eval_batches(x, y, config.eval_batch_size, mean=mean, std=std):
-            logits, _ = model(xb)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
+    batches = eval_batches(x, y, config.eval_batch_size, mean=mean, std=std)
+    result = cross_entropy_and_accuracy(model, batches, x.device, config.precision)
     model.train(was_training)
-    n = max(len(y), 1)
-    return loss_sum.item() / n, correct.item() / n
+    return result
 
 
 def train_step(
@@ -146,26 +147,16 @@ def train_step(
     return total.detach(), {t: v.detach() for t, v in terms.items()}, shares
 
 
-def _state(epoch, student, connectors, optimizer, best_student, plateau, history, config) -> dict:
-    return {
-        "epoch": epoch,
-        "student": student.state_dict(),
-        "connectors": connectors.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "best_student": best_student,
-        "plateau": dict(plateau),
-        "history": list(history),
-        "torch_rng": torch.get_rng_state(),
-        "config": config.to_dict(),
-    }
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written with ``torch.save(state)``; never unpickles arbitrary objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or foreign files
         raise ValueError(f"cannot read checkpoint {path}: {exc.__class__.__name__}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# fit, then its phases in the order they run.
 
 
 def fit(
@@ -183,137 +174,278 @@ def fit(
     accuracy). Early stopping: after ``patience`` epochs without a lower validation loss
     (0 disables).
     """
+    data, modules = set_up(config, data, teacher)
+    progress = initial_progress(modules, checkpoint)
+    forward = torch.compile(modules.student) if config.compile else modules.student
+    for epoch in epochs_to_run(config, progress):
+        t0 = time.perf_counter()
+        lr = lr_at(config, epoch)
+        sums = train_epoch(config, data, modules, forward, epoch, lr)
+        train_loss = mean_train_loss(sums, epoch)
+        val_loss, val_acc = evaluate_split(
+            modules.student, data.val_x, data.val_y, config, data.mean, data.std
+        )
+        seconds = seconds_since(t0, config.device)
+        plateau, stopped = early_stopping(config, progress.plateau, val_loss, epoch)
+        metrics = epoch_metrics(epoch, lr, sums, train_loss, (val_loss, val_acc), seconds, stopped)
+        progress = next_progress(progress, metrics, plateau, modules.student)
+        if report is not None:
+            report(metrics, checkpoint_state(config, modules, progress))
+        if stopped:
+            break
+    return fit_result(config, data, modules, progress)
+
+
+@dataclass(frozen=True)
+class Modules:
+    """What ``fit`` trains with (``set_up``): the modules on the training device, the optimizer."""
+
+    student: nn.Module
+    teacher: nn.Module | None  # frozen; None when no active term needs it
+    connectors: nn.ModuleDict  # the FA connectors, trained with the student
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the epochs so far hand on to the next one; every checkpoint holds it."""
+
+    epoch: int  # epochs done
+    history: list[dict]  # the metrics of each epoch done
+    plateau: dict  # early stopping: {"val_loss": the lowest so far, "bad_epochs": since then}
+    best_student: dict  # the student's state dict at the best epoch so far (``best_epoch_of``)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether early stopping ended training after the last epoch done."""
+        return bool(self.history) and self.history[-1]["early_stopped"]
+
+
+@dataclass(frozen=True)
+class EpochSums:
+    """One epoch of training steps, summed on the device (``train_epoch``)."""
+
+    loss: Tensor  # the steps' weighted totals
+    terms: dict[str, Tensor]  # each active term's unweighted values
+    shares: dict[str, Tensor]  # the gradient shares of the epoch's first step
+    images: int
+    steps: int
+
+
+def trainable_modules(
+    config: TrialConfig, num_classes: int, teacher: nn.Module | None
+) -> tuple[nn.Module, nn.ModuleDict]:
+    """The student (initialized from ``config.seed``) and its connectors on ``config.device``.
+
+    ``teacher`` is the prepared teacher (``prepare_teacher``) the connectors map to, or None.
+    On CUDA both use channels_last memory, like the loader's batches.
+    """
+    student = build_student(config, num_classes).to(config.device)
+    connectors = build_connectors(config, student, teacher).to(config.device)
+    if torch.device(config.device).type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+        connectors = connectors.to(memory_format=torch.channels_last)
+    return student, connectors
+
+
+def set_up(
+    config: TrialConfig, data: Dataset, teacher: nn.Module | None
+) -> tuple[Dataset, Modules]:
+    """The data on the training device, and the modules and optimizer of a fresh start."""
     device = torch.device(config.device)
-    cuda = device.type == "cuda"
     if device.type == "cpu":
         keep_freed_memory()  # steps stop page-faulting their buffers in (kdcore.memory)
     if config.needs_teacher and teacher is None:
         raise ValueError(f"teacher: group {config.group!r} needs a teacher")
     data = data.to(device)
-    student = build_student(config, data.num_classes).to(device)
     teacher = prepare_teacher(teacher, config) if config.needs_teacher else None
-    connectors = build_connectors(config, student, teacher).to(device)
-    if cuda:
-        student = student.to(memory_format=torch.channels_last)
-        connectors = connectors.to(memory_format=torch.channels_last)
+    student, connectors = trainable_modules(config, data.num_classes, teacher)
     params = list(student.parameters()) + list(connectors.parameters())
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    best_student = copy.deepcopy(student.state_dict())  # weights of the best epoch so far
-    plateau = {"val_loss": math.inf, "bad_epochs": 0}  # early stopping's lowest loss so far
-    history: list[dict] = []
-    start = 1
-    status = "completed"
-    if checkpoint is not None:
-        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-        student.load_state_dict(state["student"])
-        connectors.load_state_dict(state["connectors"])
-        optimizer.load_state_dict(state["optimizer"])
-        best_student = state["best_student"]
-        plateau = dict(state["plateau"])
-        history = list(state["history"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["epoch"] + 1
-        if history and history[-1]["early_stopped"]:
-            start = config.epochs + 1  # it had already stopped
-            status = "early_stopped"
-    forward = torch.compile(student) if config.compile else student
-    student_params = list(student.parameters())
+    return data, Modules(student, teacher, connectors, optimizer)
 
-    for epoch in range(start, config.epochs + 1):
-        if status == "early_stopped":
-            break
-        lr = lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        student.train()
-        connectors.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        term_sums = {t: torch.zeros((), device=device) for t in config.active_terms}
-        shares: dict[str, Tensor] = {}
-        n_images = 0
-        n_steps = 0
-        batches = train_batches(
-            data.train_x,
-            data.train_y,
-            config.batch_size,
-            seed=config.seed,
-            epoch=epoch,
-            mean=data.mean,
-            std=data.std,
+
+def initial_progress(modules: Modules, checkpoint: dict | str | Path | None) -> Progress:
+    """No epochs done, or the progress of ``checkpoint`` (a state or a path to one).
+
+    Resuming loads the student, connectors and optimizer states into ``modules`` and restores
+    the global torch RNG state saved with them.
+    """
+    if checkpoint is None:
+        best = copy.deepcopy(modules.student.state_dict())
+        return Progress(0, [], {"val_loss": math.inf, "bad_epochs": 0}, best)
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    modules.student.load_state_dict(state["student"])
+    modules.connectors.load_state_dict(state["connectors"])
+    modules.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return Progress(
+        state["epoch"], list(state["history"]), dict(state["plateau"]), state["best_student"]
+    )
+
+
+def epochs_to_run(config: TrialConfig, progress: Progress) -> range:
+    """The 1-based epochs still to train: none once early stopping has ended training."""
+    if progress.stopped:
+        return range(0)
+    return range(progress.epoch + 1, config.epochs + 1)
+
+
+def train_epoch(
+    config: TrialConfig, data: Dataset, modules: Modules, forward: nn.Module, epoch: int,
+    lr: float,
+) -> EpochSums:
+    """One epoch of ``train_step`` at learning rate ``lr``; ``forward`` runs the student.
+
+    Gradient shares are measured on the epoch's first batch only (one backward per term).
+    """
+    for group in modules.optimizer.param_groups:
+        group["lr"] = lr
+    modules.student.train()
+    modules.connectors.train()
+    device = torch.device(config.device)
+    loss = torch.zeros((), device=device)
+    terms = {t: torch.zeros((), device=device) for t in config.active_terms}
+    shares: dict[str, Tensor] = {}
+    images = steps = 0
+    student_params = list(modules.student.parameters())
+    batches = train_batches(
+        data.train_x,
+        data.train_y,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        mean=data.mean,
+        std=data.std,
+    )
+    for xb, yb in batches:
+        total, step_terms, step_shares = train_step(
+            config,
+            forward,
+            modules.teacher,
+            modules.connectors,
+            modules.optimizer,
+            xb,
+            yb,
+            share_params=student_params if steps == 0 else None,
         )
-        for xb, yb in batches:
-            # gradient-share diagnostics on the epoch's first batch only (one backward per term)
-            total, terms, step_shares = train_step(
-                config,
-                forward,
-                teacher,
-                connectors,
-                optimizer,
-                xb,
-                yb,
-                share_params=student_params if n_steps == 0 else None,
-            )
-            shares = step_shares or shares
-            loss_sum += total
-            for t, v in terms.items():
-                term_sums[t] += v
-            n_images += len(yb)
-            n_steps += 1
+        shares = step_shares or shares
+        loss += total
+        for t, v in step_terms.items():
+            terms[t] += v
+        images += len(yb)
+        steps += 1
+    return EpochSums(loss, terms, shares, images, steps)
 
-        train_loss = loss_sum.item() / n_steps  # the epoch's one host synchronization
-        if not math.isfinite(train_loss):
-            bad = [t for t, v in term_sums.items() if not math.isfinite(v.item())]
-            raise DivergedError(epoch, f"terms {bad or ['total']} are not finite")
-        val_loss, val_acc = evaluate_split(
-            student, data.val_x, data.val_y, config, data.mean, data.std
-        )
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
 
-        if val_loss < plateau["val_loss"]:
-            plateau = {"val_loss": val_loss, "bad_epochs": 0}
-        else:
-            plateau["bad_epochs"] += 1
-            stalled = config.patience and plateau["bad_epochs"] >= config.patience
-            if stalled and epoch < config.epochs:
-                status = "early_stopped"
-        metrics = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            **{
-                f"loss_{t}": (term_sums[t].item() / n_steps if t in term_sums else math.nan)
-                for t in TERMS
-            },
-            **{f"gshare_{t}": (shares[t].item() if t in shares else math.nan) for t in TERMS},
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": lr,
-            "epoch_seconds": seconds,
-            "images_per_s": n_images / seconds,
-            "early_stopped": status == "early_stopped",
-        }
-        history.append(metrics)
-        if best_epoch_of(history)["epoch"] == epoch:
-            best_student = copy.deepcopy(student.state_dict())
-        if report is not None:
-            report(metrics, _state(epoch, student, connectors, optimizer, best_student, plateau,
-                                   history, config))
+def mean_train_loss(sums: EpochSums, epoch: int) -> float:
+    """The epoch's mean training loss, read once (its one host synchronization).
 
-    # A fresh module for the best epoch, so states already handed to ``report`` stay unchanged.
-    kept = build_student(config, data.num_classes).to(device)
-    kept.load_state_dict(best_student)
+    Raises ``DivergedError`` naming the non-finite terms when it is NaN or infinite.
+    """
+    train_loss = sums.loss.item() / sums.steps
+    if not math.isfinite(train_loss):
+        bad = [t for t, v in sums.terms.items() if not math.isfinite(v.item())]
+        raise DivergedError(epoch, f"terms {bad or ['total']} are not finite")
+    return train_loss
+
+
+def seconds_since(t0: float, device: str) -> float:
+    """Wall seconds since ``t0`` (``time.perf_counter``), after the device's queued work."""
+    synchronizer(device)()
+    return time.perf_counter() - t0
+
+
+def early_stopping(
+    config: TrialConfig, plateau: dict, val_loss: float, epoch: int
+) -> tuple[dict, bool]:
+    """The plateau after ``epoch``'s validation loss, and whether training stops after it.
+
+    Training stops after ``config.patience`` epochs in a row without a lower validation loss
+    (patience 0: never), unless ``epoch`` is the last one anyway.
+    """
+    if val_loss < plateau["val_loss"]:
+        return {"val_loss": val_loss, "bad_epochs": 0}, False
+    plateau = {**plateau, "bad_epochs": plateau["bad_epochs"] + 1}
+    stalled = config.patience > 0 and plateau["bad_epochs"] >= config.patience
+    return plateau, stalled and epoch < config.epochs
+
+
+def epoch_metrics(
+    epoch: int, lr: float, sums: EpochSums, train_loss: float, val: tuple[float, float],
+    seconds: float, stopped: bool,
+) -> dict:
+    """The metrics ``fit`` reports for one epoch; ``val`` is (validation loss, accuracy).
+
+    Every term has a ``loss_*`` and a ``gshare_*`` entry: NaN for the inactive ones.
+    """
+    val_loss, val_acc = val
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        **{
+            f"loss_{t}": (sums.terms[t].item() / sums.steps if t in sums.terms else math.nan)
+            for t in TERMS
+        },
+        **{f"gshare_{t}": (sums.shares[t].item() if t in sums.shares else math.nan) for t in TERMS},
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "epoch_seconds": seconds,
+        "images_per_s": sums.images / seconds,
+        "early_stopped": stopped,
+    }
+
+
+def next_progress(
+    progress: Progress, metrics: dict, plateau: dict, student: nn.Module
+) -> Progress:
+    """The progress after the epoch of ``metrics``: the student's weights kept if it is best."""
+    history = [*progress.history, metrics]
+    best = progress.best_student
+    if best_epoch_of(history)["epoch"] == metrics["epoch"]:
+        best = copy.deepcopy(student.state_dict())
+    return Progress(metrics["epoch"], history, plateau, best)
+
+
+def checkpoint_state(config: TrialConfig, modules: Modules, progress: Progress) -> dict:
+    """Everything needed to resume exactly after ``progress`` (``initial_progress``).
+
+    Plain tensors and Python values: ``torch.save`` writes it, ``load_checkpoint`` reads it.
+    """
+    return {
+        "epoch": progress.epoch,
+        "student": modules.student.state_dict(),
+        "connectors": modules.connectors.state_dict(),
+        "optimizer": modules.optimizer.state_dict(),
+        "best_student": progress.best_student,
+        "plateau": dict(progress.plateau),
+        "history": list(progress.history),
+        "torch_rng": torch.get_rng_state(),
+        "config": config.to_dict(),
+    }
+
+
+def fit_result(
+    config: TrialConfig, data: Dataset, modules: Modules, progress: Progress
+) -> FitResult:
+    """How training ended, with a fresh student holding the best epoch's weights.
+
+    A fresh module, so the states already handed to ``report`` stay unchanged.
+    """
+    kept = build_student(config, data.num_classes).to(config.device)
+    kept.load_state_dict(progress.best_student)
+    history = progress.history
     best = best_epoch_of(history) or {"epoch": 0, "val_acc": math.nan, "val_loss": math.nan}
     return FitResult(
-        status=status,
+        status="early_stopped" if progress.stopped else "completed",
         epochs_run=len(history),
         best_epoch=int(best["epoch"]),
         best_val_acc=float(best["val_acc"]),
         best_val_loss=float(best["val_loss"]),
         history=history,
         student=kept,
-        connectors=connectors,
+        connectors=modules.connectors,
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.sink import read_raw, read_table
+from search.store.sink import read_raw, read_table
 from search.study import PARAMS, StudyConfig, group_params, load_study_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def env(**extra: str | None) -> dict[str, str]:
 
 def kdsearch(*args: str) -> list[str]:
     """The argv of ``kdsearch ARGS`` run from this checkout."""
-    return [sys.executable, "-m", "search.cli", *args]
+    return [sys.executable, "-m", "search.commands.cli", *args]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ pytest.importorskip("ray")  # real Ray (the device image has none)
 
 from helpers import TINY, env, kdsearch, spawn, wait_for, write_toml
 
-from search.sink import part_files, read_raw, read_table
+from search.store.sink import part_files, read_raw, read_table
 from search.study import config_from_study_json, read_study_json
 
 KILLS = 6  # at least 5 (issue 16)
@@ -95,7 +95,10 @@ def test_search_survives_repeated_driver_kills(tmp_path):
     for needle in ("UpdateFinishedTrialError", "Error stopping trial", "Traceback"):
         assert needle not in text, needle
 
-    from search.searcher import latest_outcomes, optuna_outcome  # (after the runs: see above)
+    from search.engine.searcher import (  # (after the runs: see above)
+        latest_outcomes,
+        optuna_outcome,
+    )
 
     config = config_from_study_json(read_study_json(str(store), "chaos"), {"storage": str(store)})
     trials = read_table(str(study_dir), "trials")

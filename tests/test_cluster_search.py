@@ -21,11 +21,11 @@ import optuna
 import pandas as pd
 from helpers import TINY, env, kdsearch, kill_tree, ray_cluster, run, tiny, write_toml
 
-from search.bench_scheduler import simulate_schedule, slot_usage
-from search.cli import build_parser
-from search.progress import StudyProgress, group_counts
-from search.scheduler import GroupASHA
-from search.sink import read_table
+from search.bench.scheduler import simulate_schedule, slot_usage
+from search.commands.cli import build_parser
+from search.engine.progress import StudyProgress, group_counts
+from search.engine.scheduler import GroupASHA
+from search.store.sink import read_table
 from search.study import environment_settings, load_study_config, overrides_from_args
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_five_groups_share_one_search_and_optuna_hears_the_truth(tmp_path):
 
 
 def _train_teacher(storage: str, queue) -> None:
-    from search.teacher_task import train_and_store
+    from search.engine.teacher_task import train_and_store
 
     config = tiny_config(storage)
     queue.put(train_and_store(config, config.load_data())["trained"])
@@ -185,7 +185,7 @@ def tiny_config(storage: str):
 
 
 def test_a_cpu_only_teacher_takes_the_largest_node_and_a_gpu_teacher_one_trial(tmp_path):
-    from search.teacher_task import teacher_cpus
+    from search.engine.teacher_task import teacher_cpus
 
     cpu_only = tiny_config(str(tmp_path))  # 1 CPU, 0 GPUs per trial
     assert teacher_cpus(cpu_only, [0.0, 2.0, 16.5]) == 16
@@ -231,7 +231,7 @@ def test_teacher_trains_on_the_worker_when_the_head_offers_no_cpu(tmp_path):
 
 JOIN = """
 import sys
-from search.tune import init_ray
+from search.engine.ray_start import init_ray
 try:
     init_ray(None, sys.argv[1])
 except ValueError as exc:
@@ -288,7 +288,7 @@ def test_a_private_ray_instance_writes_no_token_to_home(tmp_path):
     home.mkdir()
     script = (
         "import os\n"
-        "from search.tune import init_ray\n"
+        "from search.commands.tune import init_ray\n"
         "init_ray(None, num_cpus=1)\n"
         "import ray\n"
         "one = ray.get(ray.remote(lambda: 1).remote())\n"

@@ -402,7 +402,7 @@ def _same_dataset(a, b) -> None:
 
 
 def test_jpegpack_loads_the_trees_arrays_and_fingerprint(tmp_path, cache, capsys):
-    from search.cli import main
+    from search.commands.cli import main
 
     root = tmp_path / "tree"
     _make_jpeg_folder(root)
@@ -508,7 +508,7 @@ def test_jpegpack_rejects_damaged_and_foreign_files(tmp_path, cache):
 
 @pytest.mark.parametrize("case", ["no-source", "corrupt-image", "size-mismatch", "out-is-dir"])
 def test_pack_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
-    from search.cli import main
+    from search.commands.cli import main
 
     root = tmp_path / "tree"
     _make_jpeg_folder(root)
@@ -529,3 +529,49 @@ def test_pack_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
     assert expected in err[0]
     leftovers = [p for p in (tmp_path / "packs").rglob("*")] if out.parent.exists() else []
     assert leftovers == ([out] if case == "out-is-dir" else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes (kdcore.atomic): the data cache, the JPEG pack and the teacher use one.
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_write_replaces_whole_files_with_umask_permissions(tmp_path, umask_022):
+    from kdcore.atomic import atomic_write, atomic_write_bytes
+
+    path = tmp_path / "sub" / "a.npy"  # missing folders are made
+    assert atomic_write(path, lambda fh: np.save(fh, np.arange(3))) == path
+    np.testing.assert_array_equal(np.load(path), np.arange(3))
+    assert path.stat().st_mode & 0o777 == 0o644  # 0666 less the umask, not mkstemp's 0600
+    os.umask(0o002)
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o664
+
+    def fails(fh):
+        fh.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, fails)
+    assert path.read_bytes() == b"new"  # untouched
+    assert [p.name for p in path.parent.iterdir()] == ["a.npy"]  # no temporary left
+
+
+def test_cache_and_pack_files_get_umask_permissions(tmp_path, cache, umask_022):
+    from kdcore.jpegpack import pack_imagefolder
+
+    root = tmp_path / "tree"
+    _make_jpeg_folder(root)
+    load_data(f"imagefolder:{root}", val_size=3)
+    pack = tmp_path / "t.jpegpack"
+    pack_imagefolder(root, pack)
+    files = [*cache.glob("imagefolder-*/*"), pack]
+    assert len(files) == 5
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o644}
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary left

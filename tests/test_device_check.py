@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, kill_tree
 
-from search.ministudy import Sizes, bench_rates, makespan, plan_study
+from search.bench.plan import Sizes, bench_rates, makespan, plan_study
 
 
 def _load_device_check():
@@ -89,7 +89,7 @@ def test_dry_run_without_ray_or_optuna_writes_every_result(tmp_path, no_ray_no_o
     assert plan["epochs"] == 1 and plan["k"] in (1, 2)
     with tarfile.open(out / "ministudy.tar.gz") as tar:
         tar.extractall(tmp_path / "study", filter="data")
-    from search.sink import read_table
+    from search.store.sink import read_table
 
     study = tmp_path / "study" / "ministudy"
     runs = read_table(str(study), "runs")
@@ -185,7 +185,7 @@ def test_bench_rates_from_bench_rows():
 
 
 def test_plan_takes_the_most_epochs_that_fit_then_the_fastest_k(monkeypatch):
-    import search.ministudy as ms
+    import search.bench.plan as ms
 
     for name, value in (("INFER_PER_TRAIN", 3.0), ("RUN_OVERHEAD_S", 6.0),
                         ("TEACHER_SHARE", 0.35), ("N_CORRUPTED", 35)):

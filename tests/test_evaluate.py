@@ -1,4 +1,4 @@
-"""Speed measurement: ``kdcore.evaluate.measure_interleaved`` and ``search.speed``.
+"""Speed measurement: ``kdcore.evaluate.measure_interleaved`` and ``search.engine.speed``.
 
 No assertion here depends on how fast this machine is: a fake clock and fake models make
 every timing a hand-computed number.
@@ -125,7 +125,7 @@ def test_measure_interleaved_refuses_empty_settings() -> None:
 
 def test_measure_architectures_writes_speed_json(tmp_path, monkeypatch) -> None:
     """The study's student and teacher are built, measured together, and described."""
-    import search.speed as speed
+    import search.engine.speed as speed
     from kdcore.data import load_data
     from kdcore.models import build_model, count_parameters
     from kdcore.teacher import build_teacher
@@ -169,7 +169,7 @@ def test_measure_architectures_writes_speed_json(tmp_path, monkeypatch) -> None:
 def test_measure_architectures_times_real_models_without_a_teacher(tmp_path) -> None:
     """Really timed (tiny settings): positive numbers, q1 <= median <= q3; no speed asserted."""
     from kdcore.data import load_data
-    from search.speed import measure_architectures
+    from search.engine.speed import measure_architectures
     from search.study import load_study_config
 
     config = load_study_config("smoke", overrides={"storage": str(tmp_path), "study": "sp",

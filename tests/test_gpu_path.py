@@ -16,7 +16,7 @@ from kdcore.evaluate import accuracy, evaluate_student
 from kdcore.models import build_model
 from kdcore.precision import CPU_BF16_ENV, cpu_supports_bf16, resolve_precision
 from kdcore.train import use_bf16
-from search.cli import main
+from search.commands.cli import main
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 TINY = {"student_width": 0.125, "teacher_width": 0.125, "batch_size": 16}

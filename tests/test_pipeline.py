@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import run
 
-from search.reproduce import planned_runs
-from search.sink import ParquetSink, part_files, read_table
+from search.engine.reproduce import planned_runs
+from search.store.sink import ParquetSink, part_files, read_table
 from search.study import load_study_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_planned_runs_refuse_a_group_without_trials(tmp_path):
 def _kdsearch(*args, env=None, timeout=900):
     """``kdsearch ARGS`` as a subprocess; when it ends or times out, nothing it started (its
     private Ray, Ray's workers) is left running (``helpers.run``)."""
-    return run([sys.executable, "-m", "search.cli", *args], timeout, cwd=REPO,
+    return run([sys.executable, "-m", "search.commands.cli", *args], timeout, cwd=REPO,
                env={**os.environ, **(env or {})})
 
 
@@ -122,9 +122,9 @@ def check_teacher_measured(storage: str, report_text: str) -> None:
     """reproduce measured the study's teacher on the test set (``teacher.json``), the report
     shows it, and a damaged ``teacher.json`` is measured again by the next ``reproduce``."""
     from kdcore.evaluate import accuracy
+    from search.engine.teacher_task import load_cached
+    from search.engine.trainable import frozen_teacher
     from search.study import config_from_study_json, read_study_json
-    from search.teacher_task import load_cached
-    from search.trainable import frozen_teacher
 
     study_dir = Path(storage) / "smoke"
     measured = json.loads((study_dir / "teacher.json").read_text())

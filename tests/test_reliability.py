@@ -43,7 +43,7 @@ from helpers import (
     write_toml,
 )
 
-from search.sink import read_raw, read_table
+from search.store.sink import read_raw, read_table
 from search.study import config_from_study_json, group_params, read_study_json
 
 SEARCH_KEYS = ("trial_id", "attempt", "epoch")
@@ -543,7 +543,7 @@ def _run_cli(argv: list[str], extra_env: dict[str, str], subprocess_: bool, capf
         proc = run(kdsearch(*argv), 300, env={**base, "PYTHONPATH": str(REPO),
                                               "RAY_USAGE_STATS_ENABLED": "0", **extra_env})
         return proc.returncode, proc.stderr
-    from search.cli import main
+    from search.commands.cli import main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # --address defaults to it
     for key, value in extra_env.items():
@@ -642,7 +642,7 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_local_ray_has_no_public_dashboard(tmp_path, monkeypatch):
     import ray
 
-    from search.tune import init_ray
+    from search.engine.ray_start import init_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -17,7 +17,7 @@ pytest.importorskip("ray")  # the searcher is a Ray Tune Searcher (the device im
 import optuna
 from helpers import tiny
 
-from search.searcher import GroupSearcher, latest_outcomes, reconcile
+from search.engine.searcher import GroupSearcher, latest_outcomes, reconcile
 
 State = optuna.trial.TrialState
 
@@ -93,7 +93,7 @@ def test_restored_trial_continues_from_the_newest_checkpoint_left(tmp_path):
     import pyarrow.fs as pafs
     from ray import tune
 
-    from search.trainable import STATE_FILE, _usable_checkpoint
+    from search.engine.trainable import STATE_FILE, _usable_checkpoint
 
     trial = tmp_path / "trial_x"
     for name in ("checkpoint_000003", "checkpoint_000004"):
@@ -110,7 +110,7 @@ def test_restored_trial_continues_from_the_newest_checkpoint_left(tmp_path):
 
 
 def test_a_checkpoint_already_deleted_is_one_line(caplog):
-    from search.tune import quiet_gone_checkpoints
+    from search.engine.experiment import quiet_gone_checkpoints
 
     quiet_gone_checkpoints()
     log = logging.getLogger("ray.tune.execution.tune_controller")

@@ -14,9 +14,9 @@ pytest.importorskip("ray")  # every test here needs Ray (the device image has no
 
 from helpers import TINY, check_search_tables, env, kdsearch, ray_cluster, run, tiny, write_toml
 
-from search.callback import classify
-from search.cli import main
-from search.sink import ParquetSink, read_raw, read_table
+from search.commands.cli import main
+from search.engine.callback import classify
+from search.store.sink import ParquetSink, read_raw, read_table
 from search.study import (
     PARAMS,
     StudyConfig,
@@ -167,7 +167,7 @@ def ray_shutdown():
 
 @pytest.mark.slow
 def test_search_with_asha_stopping(tmp_path, ray_shutdown):
-    from search.tune import run_tune
+    from search.commands.tune import run_tune
 
     config = tiny(tmp_path, study="asha", groups=["kd"], samples=6)
     summary = run_tune(config)
@@ -189,8 +189,9 @@ def test_diverged_and_failed_trials_are_classified(tmp_path, ray_shutdown):
     import ray
     from ray import tune
 
-    from search.trainable import SharedInputs, train_trial
-    from search.tune import init_ray, optuna_storage_url, run_search
+    from search.engine.experiment import optuna_storage_url, run_search
+    from search.engine.ray_start import init_ray
+    from search.engine.trainable import SharedInputs, train_trial
 
     def search(config: StudyConfig):  # as run_tune runs it, but without a teacher
         inputs = SharedInputs(data=ray.put(config.load_data()))

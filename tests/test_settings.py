@@ -16,8 +16,8 @@ pytest.importorskip("ray")  # the end-to-end test runs real Ray (the device imag
 
 from helpers import TINY, tiny, write_toml
 
-from search.cli import main
-from search.sink import read_table
+from search.commands.cli import main
+from search.store.sink import read_table
 from search.study import read_study_json, settle, write_study_json
 
 

@@ -22,8 +22,8 @@ from helpers import env, run, spawn
 
 from analysis import layout, load_study
 from analysis.constants import SCHEMAS
-from search.compact import compact_group, compact_partition, compact_study
-from search.sink import ParquetSink, part_files, read_raw, read_table
+from search.store.compact import compact_group, compact_partition, compact_study
+from search.store.sink import ParquetSink, part_files, read_raw, read_table
 
 GROUPS = ("kd", "at")
 
@@ -141,9 +141,9 @@ def test_only_files_older_than_the_margin_are_merged(tmp_path: Path) -> None:
 
 
 def test_the_sink_compacts_a_partition_every_n_appends(tmp_path: Path, monkeypatch) -> None:
-    import search.sink
+    import search.store.sink
 
-    monkeypatch.setattr(search.sink, "RUNNING_MARGIN_S", 0.0)
+    monkeypatch.setattr(search.store.sink, "RUNNING_MARGIN_S", 0.0)
     study = str(tmp_path / "s")
     sink = ParquetSink(study, compact_every=4)
     for i in range(9):
@@ -160,7 +160,7 @@ def test_the_sink_compacts_a_partition_every_n_appends(tmp_path: Path, monkeypat
 WRITER = """
 import sys, time
 from pathlib import Path
-from search.sink import ParquetSink
+from search.store.sink import ParquetSink
 s = ParquetSink(sys.argv[1])
 done = Path(sys.argv[2])  # how many compactions the test has run so far
 for i in range(300):
@@ -202,7 +202,7 @@ import sys, time
 from pathlib import Path
 import pyarrow.fs as pafs
 from analysis import layout
-from search.compact import compact_partition
+from search.store.compact import compact_partition
 study = sys.argv[1]
 fs = pafs.LocalFileSystem()
 stamps = {}
@@ -250,7 +250,7 @@ def test_reader_beside_compaction_sees_every_row_once(tmp_path: Path, start) -> 
 
 KILLABLE = """
 import sys
-from search.compact import compact_group
+from search.store.compact import compact_group
 compact_group(sys.argv[1], "kd", ("epochs",))
 """
 
@@ -365,7 +365,7 @@ def test_old_layout_with_group_in_files_is_read_and_compaction_converts_it(
 
 def run_cli(*args: str, code: str = "") -> subprocess.CompletedProcess:
     """``kdsearch ARGS`` in a fresh interpreter; ``code`` runs after it (``rc`` is set)."""
-    script = ("import sys\nfrom search.cli import main\n"
+    script = ("import sys\nfrom search.commands.cli import main\n"
               f"rc = main({list(args)!r})\n{code}\nsys.exit(rc)\n")
     return run([sys.executable, "-c", script], 300, env=env())
 

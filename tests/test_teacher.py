@@ -117,9 +117,8 @@ def _state_equal(a: dict, b: dict) -> bool:
 
 
 def test_stored_study_finds_its_teacher_under_the_old_key(tmp_path):
+    from search.engine.teacher_task import load_cached, prepare_teacher
     from search.study import write_study_json
-    from search.teacher_task import load_cached
-    from search.tune import prepare_teacher
 
     config = _study(tmp_path)
     data = config.load_data()
@@ -158,7 +157,7 @@ def test_stored_study_finds_its_teacher_under_the_old_key(tmp_path):
 
 
 def test_fp32_study_does_not_reuse_a_bf16_teacher(tmp_path, monkeypatch):
-    from search.teacher_task import load_cached, train_and_store
+    from search.engine.teacher_task import load_cached, train_and_store
 
     monkeypatch.setenv(CPU_BF16_ENV, "1")  # auto is bf16 where the teacher trains
     config = _study(tmp_path, precision="auto")
@@ -229,3 +228,17 @@ def test_load_teacher_wrong_architecture(tmp_path, saved):
     # A different number of classes does not match either.
     with pytest.raises(ValueError, match="does not match architecture"):
         load_teacher(path, _config(**saved), 100)
+
+
+def test_saved_teacher_gets_umask_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "teachers" / "teacher-x.pt"
+        save_teacher(path, build_teacher(_config(), 10), {"hash": "x"})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the other users of a cache
+    assert [p.name for p in path.parent.iterdir()] == ["teacher-x.pt"]
+    assert load_teacher(path, _config(), 10) is not None

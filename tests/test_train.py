@@ -14,7 +14,7 @@ from kdcore.config import GROUP_TERMS, GROUPS, TERMS, TrialConfig
 from kdcore.data import load_data
 from kdcore.models import build_model
 from kdcore.train import DivergedError, best_epoch_of, evaluate_split, fit, load_checkpoint
-from search.trainable import best_of
+from search.engine.trainable import best_of
 
 # ---------------------------------------------------------------------------------------------
 # TrialConfig

@@ -1,0 +1,7 @@
+"""``python -m search ARGS`` is ``kdsearch ARGS``."""
+
+import sys
+
+from search.commands.cli import main
+
+sys.exit(main())

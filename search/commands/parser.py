@@ -1,0 +1,215 @@
+"""The ``kdsearch`` argument parser: one function per command, its flags and their help.
+
+Every command takes ``--data`` (default ``$KDSEARCH_DATA`` or ``cifar10``); commands that
+write results take ``--storage`` (``$KDSEARCH_STORAGE`` or ``./kdsearch-results``) and
+``--study``. A usage error is one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from analysis.constants import GROUPS
+
+GROUP_CHOICES = GROUPS  # analysis.constants: imports no torch, so --help stays fast
+
+
+class Default(str):
+    """The value of a flag that was not given: ``$ENV`` when set, else the built-in default.
+
+    Study commands tell it apart from a given flag, so that a config file beats the
+    environment variable (flag > config file > environment variable > preset).
+    """
+
+    is_default = True
+
+
+def _default(variable: str, fallback: str) -> Default:
+    return Default(os.environ.get(variable) or fallback)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, storage: bool = True) -> None:
+    p.add_argument(
+        "--data",
+        default=_default("KDSEARCH_DATA", "cifar10"),
+        help="data spec: cifar10[:ROOT], imagefolder:PATH, jpegpack:FILE or synthetic[:N] "
+        "(default: $KDSEARCH_DATA or cifar10)",
+    )
+    if storage:
+        p.add_argument(
+            "--storage",
+            default=_default("KDSEARCH_STORAGE", "./kdsearch-results"),
+            help="results root: a local path or a pyarrow filesystem URI "
+            "(default: $KDSEARCH_STORAGE or ./kdsearch-results)",
+        )
+        p.add_argument("--study", default=None, help="study name (a directory under --storage)")
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run a study (tune, reproduce, run)."""
+    p.add_argument(
+        "--preset",
+        choices=("smoke", "laptop", "paper"),
+        default=None,
+        help="start from a preset study config (see README)",
+    )
+    p.add_argument("--config", default=None, help="study config file (TOML or YAML)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per trial")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="address of a running Ray cluster (default: start Ray locally)")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial; fractions share one GPU between trials")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials running at once (default: every slot of the cluster)")
+    p.add_argument("--device", default=None, help="training device in each trial (cpu, cuda)")
+
+
+def _train(sub) -> None:
+    p = sub.add_parser("train", help="train one trial from a config (no Ray)")
+    _common(p)
+    p.add_argument("--group", choices=GROUP_CHOICES, default="kd")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrialConfig field, e.g. --set T=4 --set w_kl=0.9 "
+                   "(repeatable)")
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--train-per-class", type=int, default=None)
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="epochs to train the teacher if it is not cached yet")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+
+
+def _teacher(sub) -> None:
+    p = sub.add_parser("teacher", help="train (or load from cache) the teacher of a study")
+    _common(p)
+    _study_args(p)
+
+
+def _tune(sub) -> None:
+    p = sub.add_parser("tune", help="search loss weights with Ray Tune + Optuna + ASHA")
+    _common(p)
+    _study_args(p)
+    p.add_argument("--group", choices=(*GROUP_CHOICES, "all"), default=None)
+    p.add_argument("--samples", type=int, default=None, help="trials per group")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna RDB storage URL, e.g. postgresql://... (default: SQLite "
+                   "<storage>/<study>/optuna.db)")
+
+
+def _reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="train each group's best config with N seeds, test it")
+    _common(p)
+    _study_args(p)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per group (same for every group)")
+    p.add_argument("--group", choices=(*GROUP_CHOICES, "all"), default=None)
+
+
+def _analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="write the study's report (Markdown + PNG figures)")
+    _common(p)
+    p.add_argument("--out", default=None, help="report directory (default: <study>/report)")
+    p.add_argument(
+        "--format",
+        choices=("md", "csv", "json"),
+        default="md",
+        help="md writes the report; csv/json print the comparison table",
+    )
+
+
+def _run(sub) -> None:
+    p = sub.add_parser("run", help="teacher, tune, reproduce and analyze in sequence (resumable)")
+    _common(p)
+    _study_args(p)
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna RDB storage URL (default: SQLite <storage>/<study>/optuna.db)")
+
+
+def _bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="images/s of one training step per group, device vs DataLoader feed"
+    )
+    _common(p, storage=False)
+    p.add_argument("--group", choices=(*GROUP_CHOICES, "all"), default="all")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--teacher", default="resnet50")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of both models")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--feeds", default="device,dataloader", help="comma-separated feeds to time")
+    p.add_argument(
+        "--concurrent",
+        type=int,
+        default=1,
+        help="K trials sharing the device (CUDA): total images/s of K processes",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--precision", default="auto,fp32",
+                   help="comma-separated autocast precisions of the timed step, each auto, "
+                        "fp32 or bf16 (auto: bf16 where supported); the default times bf16 "
+                        "against fp32 in one run where the CPU has bf16")
+    # --scheduler: the search path of `tune` with sleeping trials (search/bench_scheduler.py)
+    p.add_argument("--scheduler", action="store_true",
+                   help="benchmark the scheduling of `tune` with sleeping trials")
+    p.add_argument("--slots", type=int, default=8, help="--scheduler: logical CPU slots")
+    p.add_argument("--epoch-seconds", type=float, default=1.0,
+                   help="--scheduler: seconds each trial sleeps per epoch")
+    p.add_argument("--samples", type=int, default=16, help="--scheduler: trials per group")
+    p.add_argument("--epochs", type=int, default=12, help="--scheduler: max epochs per trial")
+    p.add_argument("--grace", type=int, default=2, help="--scheduler: ASHA grace period")
+    p.add_argument("--reduction-factor", type=float, default=2.0,
+                   help="--scheduler: ASHA reduction factor")
+    p.add_argument("--simulate", action="store_true",
+                   help="--scheduler: a discrete-event simulation instead of Ray (any --slots)")
+    p.add_argument("--storage", default=None,
+                   help="--scheduler/--tables: where the benchmark study is written "
+                   "(default: a temporary folder)")
+    # --tables: synthetic trial tables at scale (search/bench_tables.py)
+    p.add_argument("--tables", type=int, default=None, metavar="N",
+                   help="benchmark loading/analysing a synthetic study of N trials per group")
+
+
+def _compact(sub) -> None:
+    p = sub.add_parser("compact",
+                       help="merge a study's part files into one file per table and group")
+    _common(p)
+    p.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
+                   help="merge only part files older than this (default 60: a search may "
+                   "still be writing)")
+
+
+def _pack(sub) -> None:
+    p = sub.add_parser("pack", help="pack an ImageFolder tree into one file (--data jpegpack:FILE)")
+    p.add_argument("source", help="ImageFolder root with train/ and test/")
+    p.add_argument("--out", required=True, help="the pack file to write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdsearch", description="The ``kdsearch`` command line: train, "
+                     "teacher, tune, reproduce, analyze, run, bench.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train(sub)
+    _teacher(sub)
+    _tune(sub)
+    _reproduce(sub)
+    _analyze(sub)
+    _run(sub)
+    _bench(sub)
+    _compact(sub)
+    _pack(sub)
+    return parser

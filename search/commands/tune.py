@@ -1,0 +1,143 @@
+"""``kdsearch tune``: every group of a study searched at once (``search.engine.experiment``).
+
+The dataset and the teacher's weights go into Ray's object store once and are fetched once
+per worker process (``trainable.SharedInputs``). The teacher trains as a Ray task with a
+trial's resources (``engine.teacher_task``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from search.engine.experiment import has_search_results, optuna_storage_url, run_search
+from search.engine.ray_start import check_reachable, cluster_slots, init_ray, live_trials, quiet_ray
+from search.engine.teacher_task import needs_teacher, prepare_teacher
+from search.store import files as fsutil
+from search.store.sink import STATUSES, read_table
+from search.study import (
+    StudyConfig,
+    check_same_data,
+    environment_settings,
+    load_study_config,
+    overrides_from_args,
+    read_study_json,
+    resolve_study,
+    settle,
+    write_study_json,
+)
+
+
+def run_tune(config: StudyConfig, resume: bool = False, address: str | None = None,
+             optuna_storage: str | None = None, simulate: float | None = None,
+             num_cpus: int | None = None) -> dict:
+    """Search every group of ``config``; returns the per-group summary (see ``summarize``).
+
+    ``simulate`` (seconds per epoch) runs sleeping trials with synthetic learning curves
+    instead of training, and ``num_cpus`` sets the slots of a private Ray instance: together
+    they make ``kdsearch bench --scheduler``.
+    """
+    fsutil.check_storage(config.storage)
+    stored = read_study_json(config.storage, config.study)
+    if resume and stored is not None:
+        settle(stored, config.to_dict())  # refuses a change to what was measured
+    elif has_search_results(config):
+        raise ValueError(f"study: {config.study!r} already has search results in "
+                         f"{config.study_dir}; pass --resume to continue it, or another --study")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)  # fail fast, before the data is decoded
+    data = config.load_data()
+    check_same_data(stored if resume else None, data.fingerprint, config.data)
+    cached = None
+    if needs_teacher(config) and not simulate:
+        from search.engine.teacher_task import load_cached
+
+        cached = load_cached(config, data)  # a bad teacher file is refused before Ray starts
+    quiet_ray()
+    init_ray(config, address, num_cpus)
+    import ray
+    from ray import tune
+
+    from search.engine.trainable import SharedInputs, train_trial
+
+    slots = cluster_slots(config)
+    teacher_state, teacher_meta = (None, {}) if simulate else prepare_teacher(
+        config, data, address, cached)
+    write_study_json(config, data_fingerprint=data.fingerprint, data_spec=data.spec,
+                     **teacher_meta)
+    inputs = SharedInputs(data=ray.put(data),
+                          teacher_state=ray.put(teacher_state) if teacher_state else None,
+                          simulate=simulate)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, study=config, inputs=inputs),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+    )
+    running, alive = live_trials(config, slots)
+    url = optuna_storage_url(config, optuna_storage)
+    print(f"search: {len(config.groups)} groups x {config.samples} trials on {slots} slots "
+          f"({running} running at most, {alive - running} queued); Optuna storage {url}",
+          flush=True)
+    t0 = time.monotonic()
+    workers = run_search(config, trainable, resume, slots, url)
+    summary = summarize(config)
+    summary["wall_seconds"] = time.monotonic() - t0
+    summary["slots"] = slots
+    if workers is not None:
+        summary["worker_processes"] = workers
+    return summary
+
+
+def summarize(config: StudyConfig) -> dict:
+    """Per group: trial counts by status and the best configuration, chosen by the rule the
+    report and ``reproduce`` use (``analysis.best_configs``: full-budget trials only)."""
+    from analysis.stats import best_configs
+
+    trials = read_table(config.study_dir, "trials")
+    best = best_configs(trials, config.max_epochs) if len(trials) else trials
+    out: dict[str, Any] = {"study": config.study, "groups": {}}
+    for group in config.groups:
+        sub = trials[trials["group"] == group] if not trials.empty else trials
+        counts = {s: int((sub["status"] == s).sum()) for s in STATUSES} if len(sub) else {}
+        entry: dict[str, Any] = {"trials": len(sub), "status": counts}
+        row = best[best["group"] == group] if len(best) else best
+        if len(row):
+            row = row.iloc[0]
+            entry["best"] = {
+                "trial_id": row["trial_id"], "val_acc": float(row["best_val_acc"]),
+                "epoch": int(row["best_epoch"]),
+                "config": {**{p: float(row[f"cfg_{p}"]) for p in config.group_space(group)},
+                           "seed": int(row["seed"])},
+            }
+        out["groups"][group] = entry
+    return out
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nstudy {summary['study']}: search summary", flush=True)
+    for group, entry in summary["groups"].items():
+        counts = ", ".join(f"{n} {s}" for s, n in entry["status"].items() if n) or "no trials"
+        line = f"  {group:<9} {entry['trials']:>3} trials ({counts})"
+        if "best" in entry:
+            b = entry["best"]
+            cfg = " ".join(f"{k}={v:.4g}" for k, v in b["config"].items())
+            line += f"; best full-budget val_acc {b['val_acc']:.4f} (epoch {b['epoch']}, {cfg})"
+        print(line, flush=True)
+
+
+def cmd_tune(args) -> int:
+    """``kdsearch tune``: resolve the study config, run the search, print the summary.
+
+    With ``--resume`` a stored study keeps its settings: what the flags, ``--config`` or
+    ``--preset`` give is checked against ``study.json`` (``study.settle``).
+    """
+    if args.resume:
+        config, _ = resolve_study(args)
+    else:
+        config = load_study_config(args.preset, args.config, overrides_from_args(args),
+                                   environment_settings())
+    summary = run_tune(config, resume=bool(args.resume), address=args.address,
+                       optuna_storage=args.optuna_storage)
+    print_summary(summary)
+    return 0

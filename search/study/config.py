@@ -1,0 +1,215 @@
+"""``StudyConfig``: everything a study needs, one frozen dataclass, validated on creation.
+
+Every bad value raises ``ValueError`` naming the field. Presets (``presets``), config files
+and flags (``loading``) and ``study.json`` (``stored``) live beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcore.config import GROUPS, TEACHERS, TeacherConfig, TrialConfig, check, is_int, is_number
+from kdcore.names import ARCHITECTURE_NAMES
+from search.store import files as fsutil
+from search.store.files import check_study_name
+
+from .space import DEFAULT_SPACE, PARAMS, ParamRange, group_params, space_from, validate_range
+
+TEACHER_FIELDS = ("arch", "width", "cbam", "epochs", "batch_size", "lr", "lr_schedule",
+                  "patience", "seed")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study: data, storage, groups, search budget, ASHA, models, optimizer, space, resources.
+
+    ``seed`` seeds the TPE sampler and is the training seed of every search trial (so all
+    trials of all groups see the same batches); ``seeds`` is how many seeds ``reproduce``
+    trains per group (``reproduce_seeds()``, disjoint from ``seed``).
+    """
+
+    study: str = "default"
+    data: str = "cifar10"
+    storage: str = "./kdsearch-results"
+    groups: tuple[str, ...] = GROUPS
+    samples: int = 32
+    max_epochs: int = 30
+    grace_period: int = 5
+    reduction_factor: float = 2.0
+    student: str = "resnet18"
+    student_width: float = 1.0
+    student_cbam: bool = False
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    stem: str = "cifar"
+    stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "constant"
+    patience: int = 5
+    mask_target: str = "label"
+    precision: str = "auto"
+    val_size: int = 5000
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+    space: dict[str, ParamRange] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None  # trials running at once; None: every slot
+    device: str = "cpu"
+    seeds: int = 5
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "groups", tuple(self.groups))
+        set_(self, "stages", tuple(self.stages))
+        # The teacher shares the study's stem and trains on the study's device and precision.
+        set_(self, "teacher", dataclasses.replace(self.teacher, stem=self.stem, device=self.device,
+                                                  precision=self.precision))
+        _validate(self)
+
+    # -- building trials ---------------------------------------------------------------------
+
+    def trial_config(self, group: str, params: dict[str, float], seed: int) -> TrialConfig:
+        """The ``TrialConfig`` of one trial: the group's preset, this study's settings, params."""
+        unknown = set(params) - set(PARAMS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: not a search parameter {list(PARAMS)}")
+        return TrialConfig.for_group(
+            group, student=self.student, student_width=self.student_width,
+            student_cbam=self.student_cbam, teacher=self.teacher.arch,
+            teacher_width=self.teacher.width, teacher_cbam=self.teacher.cbam, stem=self.stem,
+            stages=self.stages, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
+            epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience,
+            mask_target=self.mask_target, seed=seed, device=self.device,
+            precision=self.precision, **{k: float(v) for k, v in params.items()},
+        )
+
+    def group_space(self, group: str) -> dict[str, ParamRange]:
+        return {p: self.space[p] for p in group_params(group)}
+
+    def reproduce_seeds(self) -> tuple[int, ...]:
+        """Seeds for ``reproduce``: ``seed + 1 ... seed + seeds`` (never the search seed)."""
+        return tuple(self.seed + 1 + i for i in range(self.seeds))
+
+    def load_data(self):
+        """This study's dataset (validation split and per-class subsets applied)."""
+        from kdcore.data import load_data
+
+        return load_data(self.data, val_size=self.val_size, train_per_class=self.train_per_class,
+                         test_per_class=self.test_per_class)
+
+    # -- locations ---------------------------------------------------------------------------
+
+    @property
+    def study_dir(self) -> str:
+        """``<storage>/<study>``: an absolute local path or a URI."""
+        return fsutil.join(self.storage, self.study)
+
+    @property
+    def teacher_cache(self) -> Path:
+        """``<storage>/teachers`` as a local folder (for URI storage, a local cache under
+        ~/.cache/kdsearch). A study's own teacher lives at ``teacher_task.teacher_path``, which
+        is this folder for local storage and ``<storage>/teachers`` on the URI otherwise."""
+        if fsutil.is_uri(self.storage):
+            from kdcore.data import _cache_dir
+
+            return _cache_dir() / TEACHERS
+        return Path(fsutil.join(self.storage, TEACHERS))
+
+    # -- (de)serialization -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["groups"] = list(self.groups)
+        d["stages"] = list(self.stages)
+        d["teacher"] = {k: getattr(self.teacher, k) for k in TEACHER_FIELDS}
+        d["space"] = {p: r.to_dict() for p, r in self.space.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StudyConfig:
+        """Build from plain values (a file, ``study.json``, overrides); unknown keys are errors."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - fields
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown study config key")
+        d = dict(raw)
+        if "teacher" in d:
+            d["teacher"] = _teacher_from(d["teacher"])
+        if "space" in d:
+            d["space"] = space_from(d["space"])
+        if isinstance(d.get("groups"), str):
+            d["groups"] = GROUPS if d["groups"] == "all" else (d["groups"],)
+        for name in ("groups", "stages"):
+            if name in d and not isinstance(d[name], list | tuple):
+                raise ValueError(f"{name}: expected a list, got {d[name]!r}")
+        for f in dataclasses.fields(cls):
+            if f.name in d and f.type in ("float", "float | None") and is_int(d[f.name]):
+                d[f.name] = float(d[f.name])
+        return cls(**d)
+
+
+def _teacher_from(raw: object) -> TeacherConfig:
+    if isinstance(raw, TeacherConfig):
+        return raw
+    check(isinstance(raw, dict), "teacher", f"expected a table of {list(TEACHER_FIELDS)}")
+    unknown = set(raw) - set(TEACHER_FIELDS)
+    check(not unknown, f"teacher.{sorted(unknown)[0] if unknown else ''}",
+           f"unknown teacher key (expected one of {list(TEACHER_FIELDS)})")
+    values = {k: (float(v) if k in ("width", "lr") and is_int(v) else v) for k, v in raw.items()}
+    return TeacherConfig(**values)
+
+
+def _validate(c: StudyConfig) -> None:
+    check_study_name(c.study)
+    check(isinstance(c.data, str) and c.data != "", "data", "must be a data spec")
+    check(isinstance(c.storage, str) and c.storage != "", "storage", "must be a path or URI")
+    check(len(c.groups) > 0 and all(g in GROUPS for g in c.groups)
+           and len(set(c.groups)) == len(c.groups), "groups",
+           f"must be distinct names among {list(GROUPS)}, got {list(c.groups)}")
+    for name in ("samples", "max_epochs", "grace_period", "seeds", "batch_size"):
+        v = getattr(c, name)
+        check(is_int(v) and v > 0, name, f"must be an integer > 0, got {v!r}")
+    check(c.max_concurrent is None or (is_int(c.max_concurrent) and c.max_concurrent > 0),
+           "max_concurrent", f"must be an integer > 0, got {c.max_concurrent!r}")
+    for name in ("val_size", "seed"):
+        v = getattr(c, name)
+        check(is_int(v) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
+    for name in ("train_per_class", "test_per_class"):
+        v = getattr(c, name)
+        check(v is None or (is_int(v) and v > 0), name, f"must be an integer > 0, got {v!r}")
+    check(c.grace_period <= c.max_epochs, "grace_period",
+           f"must be <= max_epochs ({c.max_epochs}), got {c.grace_period}")
+    check(is_number(c.reduction_factor) and c.reduction_factor > 1, "reduction_factor",
+           f"must be a number > 1, got {c.reduction_factor!r}")
+    check(is_number(c.cpus_per_trial) and c.cpus_per_trial > 0, "cpus_per_trial",
+           f"must be a number > 0, got {c.cpus_per_trial!r}")
+    check(is_number(c.gpus_per_trial) and c.gpus_per_trial >= 0, "gpus_per_trial",
+           f"must be a number >= 0, got {c.gpus_per_trial!r}")
+    check(c.gpus_per_trial <= 1 or float(c.gpus_per_trial).is_integer(), "gpus_per_trial",
+           f"fractions must be <= 1 (Ray shares one GPU), got {c.gpus_per_trial}")
+    check(isinstance(c.space, dict) and set(c.space) == set(PARAMS), "space",
+           f"needs exactly the parameters {list(PARAMS)}")
+    for name, r in c.space.items():
+        validate_range(name, r)
+    t = c.teacher
+    check(t.arch in ARCHITECTURE_NAMES, "teacher.arch", f"unknown architecture {t.arch!r}")
+    check(is_number(t.width) and t.width > 0, "teacher.width", f"must be > 0, got {t.width!r}")
+    check(isinstance(t.cbam, bool), "teacher.cbam", f"must be true or false, got {t.cbam!r}")
+    for name in ("epochs", "batch_size"):
+        v = getattr(t, name)
+        check(is_int(v) and v > 0, f"teacher.{name}", f"must be an integer > 0, got {v!r}")
+    check(is_number(t.lr) and t.lr > 0, "teacher.lr", f"must be > 0, got {t.lr!r}")
+    check(isinstance(c.student_cbam, bool), "student_cbam", "must be true or false")
+    # Everything else is checked where it is used: by TrialConfig, at both ends of the space.
+    for group in c.groups:
+        for end in ("low", "high"):
+            c.trial_config(group, {p: getattr(r, end) for p, r in c.group_space(group).items()},
+                           c.seed)
