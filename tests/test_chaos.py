@@ -1,11 +1,12 @@
 """Chaos test of the search: SIGKILL the driver's whole process group again and again.
 
-One real search (two tuned groups on a private Ray instance) is killed at several moments —
-right after a trial's final ``trials`` row appears (the driver dies after a trial ended but,
-usually, before Tune saved its state) and at random times after epoch rows — and resumed
-with ``--resume`` each time until it finishes. Then every trial has exactly one final row,
-the ``epochs`` table holds each trial's epochs 1..epochs_run once, no resume printed a
-searcher error, and the Optuna storage agrees with the ``trials`` table on every trial.
+One real search (two tuned groups, 4 trials each, on a private Ray instance) is killed at
+several moments — right after a trial's final ``trials`` row appears (the driver dies after
+a trial ended but, usually, before Tune saved its state) and at random times after epoch
+rows — and resumed with ``--resume`` each time until it finishes. Then every trial has
+exactly one final row, the ``epochs`` table holds each trial's epochs 1..epochs_run once, no
+resume printed a searcher error, and the Optuna storage agrees with the ``trials`` table on
+every trial.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from helpers import TINY, env, kdsearch, spawn, wait_for, write_toml
 from search.store.sink import part_files, read_raw, read_table
 from search.study import config_from_study_json, read_study_json
 
-KILLS = 6  # at least 5 (issue 16)
+KILLS = 5  # at least 5 (issue 16)
 SEED = 16
 
 
@@ -65,7 +66,7 @@ def _run_until_killed(argv: list[str], log: Path, study_dir: Path, moment: str,
 @pytest.mark.slow
 def test_search_survives_repeated_driver_kills(tmp_path):
     rng = random.Random(SEED)
-    settings = {**TINY, "groups": ["kd", "at"], "samples": 6, "max_epochs": 3,
+    settings = {**TINY, "groups": ["kd", "at"], "samples": 4, "max_epochs": 3,
                 "grace_period": 1}
     cfg = write_toml(tmp_path / "chaos.toml", settings)
     store = tmp_path / "store"
@@ -103,7 +104,7 @@ def test_search_survives_repeated_driver_kills(tmp_path):
     config = config_from_study_json(read_study_json(str(store), "chaos"), {"storage": str(store)})
     trials = read_table(str(study_dir), "trials")
     # every trial has exactly one final row; epochs 1..epochs_run once per trial
-    assert trials.groupby("group", observed=True).size().to_dict() == {"kd": 6, "at": 6}
+    assert trials.groupby("group", observed=True).size().to_dict() == {"kd": 4, "at": 4}
     assert trials.trial_id.is_unique
     epochs = read_table(str(study_dir), "epochs")
     latest = epochs.sort_values("attempt").drop_duplicates(["trial_id", "epoch"], keep="last")

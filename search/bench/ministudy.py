@@ -110,7 +110,6 @@ def run_study(config, k: int, deadline: float, plan: Plan | None = None) -> dict
     ``deadline`` (a ``time.monotonic()`` value). Returns counts of done/failed/unfinished."""
     import torch.multiprocessing as tmp
 
-    from search.engine.reproduce import write_run
     from search.store.sink import ParquetSink
     from search.study import write_study_json
 
@@ -150,24 +149,7 @@ def run_study(config, k: int, deadline: float, plan: Plan | None = None) -> dict
                 if not any(p.is_alive() for p in procs):
                     break  # every worker is gone and nothing is left to read
                 continue
-            if kind == "ready":
-                if payload["fingerprint"] != data.fingerprint:
-                    raise RuntimeError(f"worker {payload['pid']} loaded other data "
-                                       f"({payload['fingerprint']} != {data.fingerprint})")
-                continue
-            tag = f"{payload['group']} seed {payload['seed']}"
-            if kind == "failed":
-                counts["failed"] += 1
-                _log(f"run {tag} FAILED: {payload['error']}")
-                continue
-            write_run(sink, config.study, {**payload, "node": host})
-            sink.append("epochs", payload["group"], epoch_rows(config.study, payload, host))
-            counts["done"] += 1
-            est = plan.run_s.get(payload["group"]) if plan else None
-            _log(f"run {tag}: test_acc {payload['test_acc']:.4f}, best_val_acc "
-                 f"{payload['best_val_acc']:.4f} at epoch {payload['best_epoch']}, "
-                 f"{payload['wall_seconds']:.1f}s (train {payload['train_seconds']:.1f}s"
-                 + (f", estimated {est:.1f}s)" if est else ")"))
+            _receive(kind, payload, config, data, plan, sink, host, counts)
     finally:
         for p in procs:
             if p.is_alive():
@@ -175,6 +157,32 @@ def run_study(config, k: int, deadline: float, plan: Plan | None = None) -> dict
             p.join(timeout=10)
         counts["unfinished"] = len(runs) - counts["done"] - counts["failed"]
     return counts
+
+
+def _receive(kind: str, payload: dict, config, data, plan: Plan | None, sink, host: str,
+             counts: dict[str, int]) -> None:
+    """Handle one message of a worker: ``ready`` (its data must be the driver's), ``failed``
+    (counted and logged), or a finished run (its rows written, counted, logged)."""
+    from search.engine.reproduce import write_run
+
+    if kind == "ready":
+        if payload["fingerprint"] != data.fingerprint:
+            raise RuntimeError(f"worker {payload['pid']} loaded other data "
+                               f"({payload['fingerprint']} != {data.fingerprint})")
+        return
+    tag = f"{payload['group']} seed {payload['seed']}"
+    if kind == "failed":
+        counts["failed"] += 1
+        _log(f"run {tag} FAILED: {payload['error']}")
+        return
+    write_run(sink, config.study, {**payload, "node": host})
+    sink.append("epochs", payload["group"], epoch_rows(config.study, payload, host))
+    counts["done"] += 1
+    est = plan.run_s.get(payload["group"]) if plan else None
+    _log(f"run {tag}: test_acc {payload['test_acc']:.4f}, best_val_acc "
+         f"{payload['best_val_acc']:.4f} at epoch {payload['best_epoch']}, "
+         f"{payload['wall_seconds']:.1f}s (train {payload['train_seconds']:.1f}s"
+         + (f", estimated {est:.1f}s)" if est else ")"))
 
 
 def study_config(args: argparse.Namespace, plan: Plan):

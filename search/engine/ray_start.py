@@ -5,10 +5,15 @@ Token authentication in Ray 2.60: docs/SEARCH.md, "Running on a cluster".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import secrets
 import socket
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from search.engine.private_api import reload_auth_mode
@@ -58,72 +63,99 @@ def init_ray(config: StudyConfig, address: str | None = None, num_cpus: int | No
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    mode = os.environ.get("RAY_AUTH_MODE")
+    mode, source = os.environ.get("RAY_AUTH_MODE"), token_source()
+    if address:
+        _join(address, mode, source)
+    else:
+        _start_private(mode, source, num_cpus)
+
+
+def token_source() -> str | None:
+    """Where Ray would find an authentication token here (``$RAY_AUTH_TOKEN``, the file
+    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     files = [Path(token_path).expanduser()] if token_path else []
     files.append(Path.home() / ".ray" / "auth_token")
-    source = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
-              else next((str(f) for f in files if f.is_file()), None))
-    if address:
-        check_reachable(address)
-        import sys
-        import tempfile
+    return next((str(f) for f in files if f.is_file()), None)
 
-        from ray.exceptions import AuthenticationError
 
-        if mode is None and source:
-            os.environ["RAY_AUTH_MODE"] = "token"
-            reload_auth_mode()  # a process reads RAY_AUTH_MODE once, when Ray is imported
-        failure = None
-        sys.stderr.flush()
-        saved = os.dup(2)
-        # Ray's core prints a warning on fd 2 for every refused connection attempt (about 20
-        # in 20 s): held back, and replayed without them once ray.init returns.
-        with tempfile.TemporaryFile() as held:
-            os.dup2(held.fileno(), 2)
-            try:
-                ray.init(address=address, logging_level="warning")
-            except (AuthenticationError, ConnectionError, RuntimeError, ValueError,
-                    TimeoutError) as exc:
-                failure = exc
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
-                held.seek(0)
-                lines = held.read().decode(errors="replace").splitlines(keepends=True)
-                sys.stderr.write("".join(x for x in lines if "InvalidAuthToken" not in x))
-                sys.stderr.flush()
-        if failure is None:
-            return
-        chain, exc = [], failure
-        while exc is not None and len(chain) < 8:
-            chain.append(f"{type(exc).__name__}: {exc}")
-            exc = exc.__cause__ or exc.__context__
-        if any("AuthenticationError" in c or "InvalidAuthToken" in c for c in chain):
-            now = os.environ.get("RAY_AUTH_MODE", "disabled")
-            why = (f"RAY_AUTH_MODE={now} here" if now != "token"
-                   else f"the cluster refused the token from {source}" if source
-                   else "RAY_AUTH_MODE=token but this driver has no token")
-            if mode is None and not source:
-                why = "this driver has no token"
-            raise ValueError(
-                f"address: token authentication failed joining Ray at {address} ({why}): give "
-                "this driver the cluster's token (the head's ~/.ray/auth_token copied here, or "
-                "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and leave RAY_AUTH_MODE unset or "
-                "'token' (docs/SEARCH.md, Running on a cluster)") from None
+def _join(address: str, mode: str | None, source: str | None) -> None:
+    """``ray.init(address)``, presenting the token found; one-line ValueError on failure."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    check_reachable(address)
+    if mode is None and source:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        reload_auth_mode()  # a process reads RAY_AUTH_MODE once, when Ray is imported
+    failure = None
+    with _quiet_refusals():
+        try:
+            ray.init(address=address, logging_level="warning")
+        except (AuthenticationError, ConnectionError, RuntimeError, ValueError,
+                TimeoutError) as exc:
+            failure = exc
+    if failure is not None:
+        raise ValueError(_join_failure(address, failure, mode, source)) from None
+
+
+@contextlib.contextmanager
+def _quiet_refusals() -> Iterator[None]:
+    """Hold back what Ray's core prints on fd 2 — a warning for every refused connection
+    attempt, about 20 in 20 s — and replay it without those lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(x for x in lines if "InvalidAuthToken" not in x))
+            sys.stderr.flush()
+
+
+def _join_failure(address: str, failure: BaseException, mode: str | None,
+                  source: str | None) -> str:
+    """The one line for a failed join: authentication and its fix, or the first line."""
+    chain, exc = [], failure
+    while exc is not None and len(chain) < 8:
+        chain.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    if not any("AuthenticationError" in c or "InvalidAuthToken" in c for c in chain):
         first = (str(failure).strip().splitlines() or [failure.__class__.__name__])[0]
-        raise ValueError(f"address: cannot join Ray at {address}: {first}") from None
-    # address="local": never join a cluster that someone else started with `ray start`.
-    # Its GCS and raylet listen on every interface, so token authentication stays on (Ray's
-    # default for a new local instance). Without a token Ray would write a new one to
-    # ~/.ray/auth_token, which then turns authentication on for every later `ray start
-    # --head` of this user: a random token in this process's environment instead (the
-    # instance's processes inherit it). Only Ray's warning that it turned the default on is
-    # kept off the console.
-    if mode != "disabled" and source is None:
-        import secrets
+        return f"address: cannot join Ray at {address}: {first}"
+    now = os.environ.get("RAY_AUTH_MODE", "disabled")
+    why = (f"RAY_AUTH_MODE={now} here" if now != "token"
+           else f"the cluster refused the token from {source}" if source
+           else "RAY_AUTH_MODE=token but this driver has no token")
+    if mode is None and not source:
+        why = "this driver has no token"
+    return (f"address: token authentication failed joining Ray at {address} ({why}): give "
+            "this driver the cluster's token (the head's ~/.ray/auth_token copied here, or "
+            "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and leave RAY_AUTH_MODE unset or "
+            "'token' (docs/SEARCH.md, Running on a cluster)")
 
+
+def _start_private(mode: str | None, source: str | None, num_cpus: int | None) -> None:
+    """A private Ray instance on this machine; never joins one that ``ray start`` began.
+
+    Its GCS and raylet listen on every interface, so token authentication stays on (Ray's
+    default for a new local instance). Without a token Ray would write a new one to
+    ~/.ray/auth_token, which then turns authentication on for every later ``ray start
+    --head`` of this user: a random token in this process's environment instead (the
+    instance's processes inherit it). Only Ray's warning that it turned the default on is
+    kept off the console.
+    """
+    import ray
+
+    if mode != "disabled" and source is None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = notice.level
