@@ -62,15 +62,13 @@ def atomic_write(fs: pafs.FileSystem, path: str | Callable[[], str], data: bytes
     (``search.store.sink`` names a part by the time it appears).
     """
     final = path if callable(path) else (lambda: path)
-    folder = posixpath.dirname(final()) if not callable(path) else None
+    folder = posixpath.dirname(final())
+    fs.create_dir(folder, recursive=True)
     if not isinstance(fs, pafs.LocalFileSystem):
         target = final()
-        fs.create_dir(posixpath.dirname(target), recursive=True)
         with fs.open_output_stream(target) as out:
             out.write(data)
         return target
-    folder = folder or posixpath.dirname(final())
-    fs.create_dir(folder, recursive=True)
     tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}.tmp")
     try:
         with fs.open_output_stream(tmp) as out:
