@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import PurePosixPath
+from typing import Any
 
 import pyarrow as pa
 
@@ -16,7 +18,39 @@ PAPER_ACC: dict[str, float] = {
     "at": 83.53,
     "combined": 83.77,
 }
-"""The paper's reported best validation accuracies, in percent."""
+"""The paper's reported best validation accuracies, in percent (CIFAR-10 only)."""
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+"""CIFAR-10's class names in label order (``kdcore.data.CIFAR10_CLASSES``, copied: no torch)."""
+
+
+def is_cifar10(config: Mapping[str, Any]) -> bool:
+    """Whether a study's data (its ``study.json``) is CIFAR-10, so the paper's numbers apply.
+
+    With ``data_classes`` (written by ``kdsearch tune``): exactly CIFAR-10's 10 class names.
+    Older studies: the data spec (``data_spec``, else ``data``) is ``cifar10[:ROOT]``, or an
+    ``imagefolder:``/``jpegpack:`` path whose last part contains ``cifar10``/``cifar-10`` but
+    not ``cifar100``/``cifar-100`` (any case).
+    """
+    if "data_classes" in config:
+        classes = config["data_classes"]
+        return isinstance(classes, list | tuple) and tuple(classes) == CIFAR10_CLASSES
+    spec = config.get("data_spec") or config.get("data")
+    if not isinstance(spec, str):
+        return False
+    kind, _, arg = spec.partition(":")
+    if kind != "imagefolder" and kind != "jpegpack":
+        return kind == "cifar10"
+    name = PurePosixPath(arg.strip()).name.lower()
+    return ("cifar10" in name or "cifar-10" in name) and not (
+        "cifar100" in name or "cifar-100" in name)
+
+
+def paper_numbers(config: Mapping[str, Any]) -> Mapping[str, float] | None:
+    """:data:`PAPER_ACC` for a CIFAR-10 study (:func:`is_cifar10`), else None (no column)."""
+    return PAPER_ACC if is_cifar10(config) else None
 
 PARAMS: tuple[str, ...] = ("T", "w_ce", "w_kl", "w_at", "w_fa", "mask_pct")
 """Searchable hyperparameters; the tables store each as ``cfg_<param>``."""
@@ -90,7 +124,10 @@ SPEED_FILE = "speed.json"
 
 def describe_arch(arch: object, width: object, cbam: object, stem: object) -> str:
     """One line naming an architecture (``speed.json`` and the report), e.g.
-    ``resnet18 width 0.25, cifar stem, without CBAM``."""
+    ``resnet18 width 0.25, cifar stem, without CBAM``; a model spec other than kdcore's
+    ResNets (``torchvision:NAME``, ``MODULE:CALLABLE``: it has a colon) is named as it is."""
+    if ":" in str(arch):
+        return str(arch)
     width_text = f"{width:g}" if isinstance(width, int | float) else str(width)
     return f"{arch} width {width_text}, {stem} stem, {'with' if cbam else 'without'} CBAM"
 

@@ -150,7 +150,8 @@ def plot_robustness(robustness: pd.DataFrame, path: str | Path) -> Path | None:
 
 
 def plot_test_accuracy(comparison: pd.DataFrame, path: str | Path) -> Path | None:
-    """Bars of mean test accuracy with 95% CI per group; the paper's number as a marker.
+    """Bars of mean test accuracy with 95% CI per group; the paper's number as a marker where
+    the comparison has a ``paper`` column (CIFAR-10 studies only).
 
     ``comparison`` is the output of :func:`analysis.stats.compare_groups`.
     """

@@ -15,6 +15,7 @@ from analysis.constants import (
     USABLE_STATUSES,
     describe_arch,
     ordered_groups,
+    paper_numbers,
 )
 from analysis.files import write_text
 from analysis.importance import MIN_TRIALS, param_importance
@@ -76,7 +77,8 @@ def markdown_table(frame: pd.DataFrame, formats: Mapping[str, Formatter] | None 
 
 def comparison_section(comparison: pd.DataFrame, data: object,
                        tests: pd.DataFrame | None = None) -> list[str]:
-    """Test accuracy over seeds per group, paired tests, the paper's numbers.
+    """Test accuracy over seeds per group, paired tests, the paper's numbers (CIFAR-10 only:
+    where ``comparison`` has a ``paper`` column).
 
     ``tests`` (:func:`analysis.stats.paired_tests`) gives the size of the Holm family and
     the tests without a p-value, which a note names with the reason.
@@ -98,8 +100,9 @@ def comparison_section(comparison: pd.DataFrame, data: object,
         f"p-value over the {m} distinct paired test{'' if m == 1 else 's'} of this table "
         "that have a p-value (each test once: `baseline` against `kd` is one test, shown in "
         "both rows with the same p). `params` is the student's parameter count: every group "
-        "trains the same architecture (its speed: \"Size and speed (per architecture)\"). "
-        "`paper` is the paper's reported best validation accuracy, shown for reference only.",
+        "trains the same architecture (its speed: \"Size and speed (per architecture)\")."
+        + (" `paper` is the paper's reported best validation accuracy, shown for "
+           "reference only." if "paper" in comparison else ""),
         "",
         markdown_table(comparison, formats),
         "",
@@ -136,10 +139,15 @@ def teacher_section(teacher: Mapping[str, Any], comparison: pd.DataFrame) -> lis
     acc = float(teacher["test_acc"])
     gaps = teacher_gap(comparison, acc)
     cbam = "with" if teacher.get("cbam") else "without"
+    where = (f"from the checkpoint `{teacher['checkpoint']}` (not trained by kdsearch)"
+             if teacher.get("checkpoint") else f"{teacher.get('epochs')} epochs")
+    if teacher.get("val_acc") is not None:
+        where += f", {float(teacher['val_acc']) * 100:.2f}% validation accuracy"
+    model = (teacher.get("arch") if ":" in str(teacher.get("arch"))
+             else f"{teacher.get('arch')} width {teacher.get('width')} {cbam} CBAM")
     lines = [
         "## Teacher and students", "",
-        f"Teacher: {teacher.get('arch')} width {teacher.get('width')} {cbam} CBAM, "
-        f"{teacher.get('epochs')} epochs: **{acc * 100:.2f}%** test accuracy on the same test "
+        f"Teacher: {model}, {where}: **{acc * 100:.2f}%** test accuracy on the same test "
         f"set ({fmt_count(teacher.get('params'))} parameters; its speed: \"Size and speed "
         "(per architecture)\").",
     ]
@@ -446,7 +454,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     config = study.config
     groups = study_groups(study)
-    comparison = compare_groups(study.runs, groups=groups)
+    comparison = compare_groups(study.runs, paper_numbers(config), groups)
     tests = paired_tests(study.runs, groups)
     outcomes = group_outcomes(study.trials, config.get("max_epochs"), groups)
     title = f"# kdsearch report: {study.name or Path(str(study_dir)).name}"
@@ -471,7 +479,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
 def export_comparison(study_dir: str | Path, fmt: str) -> str:
     """The comparison table as CSV or JSON (records), for ``kdsearch analyze --format``."""
     study = load_study(study_dir)
-    comparison = compare_groups(study.runs, groups=study_groups(study))
+    comparison = compare_groups(study.runs, paper_numbers(study.config), study_groups(study))
     if fmt == "csv":
         return comparison.to_csv(index=False)
     if fmt == "json":

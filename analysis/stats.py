@@ -136,9 +136,12 @@ def paired_tests(runs: pd.DataFrame, groups: Sequence[str] = ()) -> pd.DataFrame
     return tests
 
 
-def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
+def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] | None = PAPER_ACC,
                    groups: Sequence[str] = ()) -> pd.DataFrame:
     """One row per group of reproduced runs: test accuracy over seeds, paired tests, paper.
+
+    ``paper`` None leaves the ``paper`` column out (a study not on CIFAR-10:
+    :func:`analysis.constants.paper_numbers`).
 
     Groups in ``groups`` without runs get a row with ``n`` = 0 (when any run exists at
     all), so that no group vanishes from the comparison.
@@ -152,8 +155,9 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
     parameter count of the group's runs (the same architecture in every group); latency is
     not a column (:data:`COMPARISON_COLUMNS`).
     """
+    columns = [c for c in COMPARISON_COLUMNS if paper is not None or c != "paper"]
     if runs.empty or "test_acc" not in runs:
-        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+        return pd.DataFrame(columns=columns)
     runs = runs.assign(acc=pd.to_numeric(runs["test_acc"], errors="coerce") * 100)
     tests = {(t.group, t.reference): t for t in paired_tests(runs, groups).itertuples()}
     rows = []
@@ -171,9 +175,10 @@ def compare_groups(runs: pd.DataFrame, paper: Mapping[str, float] = PAPER_ACC,
             row[f"p_vs_{ref}_holm"] = test.p_holm if test is not None else math.nan
         row["corrupt_acc_mean"] = column_mean(sub, "corrupt_acc_mean") * 100
         row["params"] = column_mean(sub, "params")
-        row["paper"] = float(paper.get(group, math.nan))
+        if paper is not None:
+            row["paper"] = float(paper.get(group, math.nan))
         rows.append(row)
-    return pd.DataFrame(rows)[COMPARISON_COLUMNS]
+    return pd.DataFrame(rows)[columns]
 
 
 def teacher_gap(comparison: pd.DataFrame, teacher_test_acc: float) -> pd.DataFrame:

@@ -2,16 +2,19 @@
 
 The modules, in the order they build on each other:
 
-- ``names``: groups, loss terms, stages, architecture names (plain tuples, no torch);
+- ``names``: groups, loss terms, stages, architecture names, model specs (no torch);
 - ``config``: ``TrialConfig``, one validated trial (no torch);
 - ``atomic``: atomic local-file writes (no torch);
 - ``images``: image files: decoding, the ImageFolder listing, ``DataError``;
 - ``jpegpack``: an ImageFolder tree's JPEG bytes in one ``.npz`` file;
 - ``data``: ``load_data``, the validation split, the device-resident loader;
 - ``models``: ResNet-18/34/50 (CIFAR or ImageNet stem, width, CBAM);
+- ``zoo``: models by spec (built-in, ``torchvision:``, ``timm:``, the user's ``MODULE:CALLABLE``);
+- ``features``: any model's distilled features by node name (torch.fx), ``FeatureNet``;
 - ``losses``, ``masks``, ``objective``: the distillation terms, Grad-CAM masks, their sum;
 - ``precision``, ``memory``: bf16 autocast where it pays; glibc's freed-memory thresholds;
-- ``train``: ``fit``, the one training loop; ``teacher``: trained once, cached by hash;
+- ``train``: ``fit``, the one training loop; ``teacher``: trained once, cached by hash, or
+  read from the user's checkpoint;
 - ``evaluate``: test accuracy, corruptions, size and speed; ``bench``: training-step speed.
 
 The names below are imported on first use, so ``import kdcore.config`` (or ``kdcore.names``)

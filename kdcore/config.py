@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .names import (
-    ARCHITECTURE_NAMES,
     GROUP_TERMS,
     GROUPS,
     MASK_TARGETS,
@@ -19,6 +18,7 @@ from .names import (
     STAGES,
     STEMS,
     TERMS,
+    model_kind,
 )
 
 if TYPE_CHECKING:
@@ -52,12 +52,12 @@ class TrialConfig:
     """
 
     group: str = "baseline"
-    student: str = "resnet18"
+    student: str = "resnet18"  # a model spec (``kdcore.zoo``)
     student_width: float = 1.0
     student_cbam: bool = False
     teacher: str = "resnet50"
     teacher_width: float = 1.0
-    teacher_cbam: bool = True
+    teacher_cbam: bool | None = None  # None: True for a built-in ResNet, else False
     stem: str = "cifar"
     T: float = 4.0
     w_ce: float = 1.0
@@ -66,7 +66,11 @@ class TrialConfig:
     w_fa: float = 0.0
     mask_pct: float = 0.0
     mask_target: str = "label"
-    stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    stages: tuple[str, ...] = ("layer2", "layer3", "layer4")  # of a built-in model
+    # The distilled features of each side, paired in order (``kdcore.features``); empty: a
+    # built-in model's ``stages``, another model's automatic choice.
+    student_stages: tuple[str, ...] = ()
+    teacher_stages: tuple[str, ...] = ()
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -94,8 +98,11 @@ class TrialConfig:
         return cls(group=group, **{**preset, **overrides})
 
     def __post_init__(self) -> None:
-        if isinstance(self.stages, list):
-            object.__setattr__(self, "stages", tuple(self.stages))
+        for name in ("stages", "student_stages", "teacher_stages"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.teacher_cbam is None:
+            object.__setattr__(self, "teacher_cbam", default_cbam(self.teacher))
         _validate(self)
 
     def weight(self, term: str) -> float:
@@ -114,9 +121,21 @@ class TrialConfig:
     def needs_masks(self) -> bool:
         return self.mask_pct > 0 and any(t in MASKED_TERMS for t in self.active_terms)
 
+    def given_stages(self, side: str) -> tuple[str, ...]:
+        """The stages set for ``side`` (student or teacher): its own list, else a built-in
+        model's ``stages``, else () for the automatic choice (``kdcore.features``)."""
+        own = getattr(self, f"{side}_stages")
+        return own or (self.stages if is_builtin(getattr(self, side)) else ())
+
+    def auto_count(self, side: str) -> int:
+        """How many stages to choose automatically for ``side``: as many as the other has."""
+        other = self.given_stages("teacher" if side == "student" else "student")
+        return len(other) or len(self.stages)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["stages"] = list(self.stages)
+        for name in ("stages", "student_stages", "teacher_stages"):
+            d[name] = list(d[name])
         return d
 
 
@@ -139,17 +158,64 @@ def is_int(x: object) -> bool:
 _check, _finite = check, is_number
 
 
+def is_builtin(spec: str) -> bool:
+    """Whether a well-formed model spec names one of kdcore's own ResNets."""
+    return model_kind(spec) == "builtin"
+
+
+def default_cbam(spec: str) -> bool:
+    """A teacher's CBAM when unset: the paper's teacher (a built-in ResNet) has it."""
+    try:
+        return is_builtin(spec)
+    except ValueError:
+        return False  # refused by the validation with the field's name
+
+
+def check_model(name: str, spec: object, width: object, cbam: object) -> None:
+    """A model spec, and width/CBAM only on a built-in ResNet (``name``: the spec's field)."""
+    try:
+        kind = model_kind(spec)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    prefix = name[: -len("arch")] if name.endswith(".arch") else f"{name}_"
+    _check(_finite(width) and width > 0, f"{prefix}width",
+           f"must be a finite number > 0, got {width!r}")
+    _check(isinstance(cbam, bool), f"{prefix}cbam", f"must be true or false, got {cbam!r}")
+    if kind != "builtin":
+        _check(width == 1.0, f"{prefix}width",
+               f"only the built-in ResNets take a width; {spec} is built as it is (got {width})")
+        _check(not cbam, f"{prefix}cbam",
+               f"only the built-in ResNets take CBAM; {spec} is built as it is")
+
+
+def check_stage_lists(c: TrialConfig) -> None:
+    """``stages`` of the built-in ResNets; per-side lists of distinct names, paired in order."""
+    _check(
+        len(c.stages) > 0
+        and all(s in STAGES for s in c.stages)
+        and len(set(c.stages)) == len(c.stages),
+        "stages",
+        f"must be distinct names among {list(STAGES)}, got {list(c.stages)}",
+    )
+    sides = {"student_stages": c.student, "teacher_stages": c.teacher}
+    for name, spec in sides.items():
+        given = getattr(c, name)
+        _check(all(isinstance(s, str) and s for s in given) and len(set(given)) == len(given),
+               name, f"must be distinct node names, got {list(given)}")
+        if given and is_builtin(spec):
+            _check(all(s in STAGES for s in given), name,
+                   f"{spec} returns the features of {list(STAGES)}, got {list(given)}")
+    lengths = [len(c.given_stages("student")), len(c.given_stages("teacher"))]
+    _check(0 in lengths or lengths[0] == lengths[1], "student_stages",
+           f"{lengths[0]} student stages and {lengths[1]} teacher stages: they are paired "
+           "in order, so the lists need equal lengths")
+
+
 def _validate(c: TrialConfig) -> None:
     _check(c.group in GROUP_TERMS, "group", f"unknown {c.group!r}, expected one of {list(GROUPS)}")
     for name in ("student", "teacher"):
-        arch = getattr(c, name)
-        _check(arch in ARCHITECTURE_NAMES, name, f"unknown architecture {arch!r}")
-        width = getattr(c, f"{name}_width")
-        _check(
-            _finite(width) and width > 0,
-            f"{name}_width",
-            f"must be a finite number > 0, got {width!r}",
-        )
+        check_model(name, getattr(c, name), getattr(c, f"{name}_width"),
+                    getattr(c, f"{name}_cbam"))
     _check(
         c.stem in STEMS, "stem", f"expected 'cifar' or 'imagenet', got {c.stem!r}"
     )
@@ -170,13 +236,7 @@ def _validate(c: TrialConfig) -> None:
         "mask_target",
         f"expected 'label' or 'prediction', got {c.mask_target!r}",
     )
-    _check(
-        len(c.stages) > 0
-        and all(s in STAGES for s in c.stages)
-        and len(set(c.stages)) == len(c.stages),
-        "stages",
-        f"must be distinct names among {list(STAGES)}, got {list(c.stages)}",
-    )
+    check_stage_lists(c)
     _check(_finite(c.lr) and c.lr > 0, "lr", f"must be a finite number > 0, got {c.lr!r}")
     _check(
         _finite(c.momentum) and 0 <= c.momentum < 1,
@@ -220,13 +280,26 @@ def _validate(c: TrialConfig) -> None:
     )
 
 
+# Fields added after teacher keys were first made: out of ``legacy_hash``, and out of
+# ``content_hash`` while at their defaults, so the teachers stored before keep their keys.
+ADDED_TEACHER_FIELDS = ("checkpoint", "stages")
+ADDED_TRIAL_DEFAULTS: dict[str, object] = {"student_stages": [], "teacher_stages": []}
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
-    """How to build and train the teacher."""
+    """How to build the teacher, and train it unless ``checkpoint`` gives its weights.
+
+    ``arch`` is a model spec (``kdcore.zoo``); ``cbam`` unset is True for a built-in ResNet
+    (the paper's teacher) and False otherwise. ``stages`` are its distilled features
+    (``TrialConfig.teacher_stages``). With ``checkpoint`` (a path or URI of a state dict,
+    ``kdcore.teacher.read_checkpoint``) the teacher is never trained and the training
+    settings below are unused.
+    """
 
     arch: str = "resnet50"
     width: float = 1.0
-    cbam: bool = True
+    cbam: bool | None = None
     stem: str = "cifar"
     epochs: int = 30
     batch_size: int = 64
@@ -236,6 +309,14 @@ class TeacherConfig:
     seed: int = 0
     device: str = "cpu"
     precision: str = "auto"  # auto, fp32 or bf16 autocast (kdcore.precision)
+    checkpoint: str | None = None
+    stages: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cbam is None:
+            object.__setattr__(self, "cbam", default_cbam(self.arch))
+        if isinstance(self.stages, list):
+            object.__setattr__(self, "stages", tuple(self.stages))
 
     def trial_config(self) -> TrialConfig:
         """The CE-only ``TrialConfig`` that trains this teacher as a 'student'."""
@@ -281,7 +362,7 @@ class TeacherConfig:
         Only for finding the teacher of a study stored with it; new files never use it.
         """
         fields = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("device", "precision")}
+                  if k not in ("device", "precision", *ADDED_TEACHER_FIELDS)}
         blob = json.dumps({"teacher": fields, "data": data.fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -300,6 +381,9 @@ class TeacherConfig:
     def _hash_with(self, precision: str, data: Dataset) -> str:
         fields = self.trial_config().to_dict()
         del fields["device"]
+        for name, default in ADDED_TRIAL_DEFAULTS.items():  # keys made before they existed
+            if fields[name] == default:
+                del fields[name]
         fields["precision"] = precision
         blob = json.dumps({"trial": fields, "data": data.fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -23,11 +23,14 @@ from .models import count_parameters
 from .precision import autocast, resolve_precision
 
 # Severity parameters (index 0 = severity 1), after CIFAR-10-C's choices for 32x32 images.
+# Those measured in pixels (the blur's sigma and its 5-pixel kernel) scale with the image's
+# size / 32 (``blur_params``); the others are intensities or shares, the same at any size.
+REFERENCE_SIZE = 32
 SEVERITY = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise standard deviation
     "shot_noise": (500, 250, 100, 75, 50),  # photons per unit intensity
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),  # share of salt-and-pepper pixels
-    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # blur sigma in pixels
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # blur sigma in pixels at 32x32
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # contrast factor
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to every channel
     "occlusion": (0.1, 0.2, 0.3, 0.4, 0.5),  # side of a grey square, as a share of the image
@@ -35,8 +38,19 @@ SEVERITY = {
 CORRUPTIONS = tuple(SEVERITY)
 
 
+def blur_params(sigma: float, size: int) -> tuple[int, float]:
+    """(odd kernel size, sigma) of a blur of ``sigma`` pixels at 32 px along an axis of
+    ``size`` pixels: both scale with size / 32 (5 and ``sigma`` at 32, 9 and 2 x ``sigma``
+    at 64; the kernel's half width is 2 x size / 32 rounded half up, at least 1)."""
+    scale = size / REFERENCE_SIZE
+    return 2 * max(1, int(2 * scale + 0.5)) + 1, sigma * scale
+
+
 def corrupt(x: Tensor, corruption: str, severity: int, g: torch.Generator) -> Tensor:
-    """Corrupt a float (B, C, H, W) batch in [0, 1]; ``g`` is a CPU generator."""
+    """Corrupt a float (B, C, H, W) batch in [0, 1]; ``g`` is a CPU generator.
+
+    Exactly CIFAR-10-C's severities at 32x32; pixel-measured ones scale with the size.
+    """
     import torchvision.transforms.v2.functional as TF  # here: training needs no torchvision
 
     c = SEVERITY[corruption][severity - 1]
@@ -53,7 +67,8 @@ def corrupt(x: Tensor, corruption: str, severity: int, g: torch.Generator) -> Te
         u = rand(b, 1, h, w)
         out = torch.where(u < c / 2, 0.0, torch.where(u > 1 - c / 2, 1.0, x))
     elif corruption == "gaussian_blur":
-        out = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[c, c])
+        (kx, sx), (ky, sy) = blur_params(c, w), blur_params(c, h)
+        out = TF.gaussian_blur(x, kernel_size=[kx, ky], sigma=[sx, sy])
     elif corruption == "contrast":
         out = TF.adjust_contrast(x, c)
     elif corruption == "brightness":

@@ -2,7 +2,8 @@
 
 ``kdcore.data`` (the ``imagefolder:`` spec) and ``kdcore.jpegpack`` (the pack of a tree)
 both read trees through ``list_tree`` and images through ``decode_image``, so a tree and its
-pack give the same pixels in the same order. No torch here.
+pack give the same pixels in the same order; ``resize_image`` brings any image to one size.
+No torch here.
 """
 
 from __future__ import annotations
@@ -29,13 +30,39 @@ def decode_image(source: Path | bytes | np.ndarray, name: str) -> np.ndarray:
         raise DataError(f"cannot decode image {name}: {exc}") from None
 
 
-def check_size(img: np.ndarray, name: str, size: tuple[int, int] | None) -> tuple[int, int]:
-    """The common (H, W) of a dataset's images: ``size`` or, for the first image, its own."""
+def image_shape(path: Path, name: str) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"cannot decode image {name}: {exc}") from None
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) as (size, size, 3): PIL's bilinear filter, antialiased when shrinking
+    (its support grows with the scale); an image already of that size is returned as is."""
+    from PIL import Image
+
+    if img.shape[:2] == (size, size):
+        return img
+    resized = Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def check_size(img: np.ndarray, name: str, size: tuple[int, int] | None,
+               hint: str = "") -> tuple[int, int]:
+    """The common (H, W) of a dataset's images: ``size`` or, for the first image, its own.
+
+    ``hint`` ends the error message (what to do about a mismatch).
+    """
     size = size or img.shape[:2]
     if img.shape[:2] != size:
         raise DataError(
             f"image {name} is {img.shape[1]}x{img.shape[0]}, expected "
-            f"{size[1]}x{size[0]} like the others"
+            f"{size[1]}x{size[0]} like the others" + (f"; {hint}" if hint else "")
         )
     return size
 

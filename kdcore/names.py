@@ -26,3 +26,25 @@ STEMS = ("cifar", "imagenet")
 
 MASK_TARGETS = ("label", "prediction")  # the class whose Grad-CAM makes the mask
 PRECISIONS = ("auto", "fp32", "bf16")  # ``kdcore.precision``
+
+# A model spec (``kdcore.zoo``): a built-in name, or "<source>:<name>".
+MODEL_SOURCES = ("torchvision", "timm")  # any other "MODULE:CALLABLE" is the user's own code
+
+
+def model_kind(spec: str) -> str:
+    """``builtin``, ``torchvision``, ``timm`` or ``module`` for a well-formed spec.
+
+    Raises ``ValueError`` (without a field name: the caller adds it) for anything else.
+    """
+    if isinstance(spec, str):
+        if spec in ARCHITECTURE_NAMES:
+            return "builtin"
+        source, sep, name = spec.partition(":")
+        if sep and name and source in MODEL_SOURCES:
+            return source
+        if sep and name.isidentifier() and all(p.isidentifier() for p in source.split(".")):
+            return "module"
+    raise ValueError(
+        f"unknown architecture {spec!r}: expected one of {list(ARCHITECTURE_NAMES)}, "
+        "torchvision:NAME, timm:NAME or MODULE:CALLABLE"
+    )

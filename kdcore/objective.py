@@ -1,5 +1,9 @@
 """The distillation objective: only the terms with a non-zero weight are computed.
 
+AT and FA compare the student's and the teacher's features stage by stage, paired in order
+(``stage_pairs``): a ``kdcore.features.FeatureNet`` knows its stages, a built-in ResNet takes
+them from the config. FA connectors are keyed by the student's stage.
+
 ``baseline`` never runs the teacher; Grad-CAM masks are computed only when a masked term
 (AT or FA) is active with ``mask_pct > 0`` (at 0 the mask keeps everything, so it is skipped).
 """
@@ -15,6 +19,23 @@ from .losses import attention_transfer, feature_alignment, kd_kl, make_connector
 from .masks import teacher_forward_with_masks
 
 
+def stage_pairs(
+    config: TrialConfig, student: nn.Module, teacher: nn.Module | None
+) -> tuple[tuple[str, str], ...]:
+    """(student stage, teacher stage) pairs of the AT and FA terms, in order."""
+    student_stages = getattr(student, "stages", None) or config.given_stages("student")
+    teacher_stages = getattr(teacher, "stages", None) or config.given_stages("teacher")
+    if len(student_stages) != len(teacher_stages):
+        raise ValueError(f"student_stages: {list(student_stages)} and teacher stages "
+                         f"{list(teacher_stages)} are paired in order and need equal lengths")
+    return tuple(zip(student_stages, teacher_stages, strict=True))
+
+
+def connector_key(stage: str) -> str:
+    """A stage name as a ``ModuleDict`` key (no dots); ``layer2`` stays ``layer2``."""
+    return stage.replace(".", "_")
+
+
 def build_connectors(
     config: TrialConfig, student: nn.Module, teacher: nn.Module | None
 ) -> nn.ModuleDict:
@@ -25,12 +46,10 @@ def build_connectors(
         raise ValueError(
             f"teacher: group {config.group!r} uses feature alignment and needs a teacher"
         )
-    return nn.ModuleDict(
-        {
-            s: make_connector(student.stage_channels[s], teacher.stage_channels[s])
-            for s in config.stages
-        }
-    )
+    return nn.ModuleDict({
+        connector_key(s): make_connector(student.stage_channels[s], teacher.stage_channels[t])
+        for s, t in stage_pairs(config, student, teacher)
+    })
 
 
 def loss_terms(
@@ -51,10 +70,12 @@ def loss_terms(
     if teacher is None:
         raise ValueError(f"teacher: group {config.group!r} needs a teacher")
 
-    masks: dict[str, Tensor | None] = dict.fromkeys(config.stages)
+    pairs = stage_pairs(config, student, teacher) if config.w_at or config.w_fa else ()
+    teacher_stages = tuple(t for _, t in pairs)
+    masks: dict[str, Tensor | None] = dict.fromkeys(teacher_stages)
     if config.needs_masks:
         t_logits, t_feats, cam_masks = teacher_forward_with_masks(
-            teacher, x, y, config.stages, config.mask_pct, config.mask_target
+            teacher, x, y, teacher_stages, config.mask_pct, config.mask_target
         )
         masks.update(cam_masks)
     else:
@@ -65,13 +86,13 @@ def loss_terms(
         terms["kl"] = kd_kl(logits, t_logits, config.T)
     if config.w_at > 0:
         terms["at"] = sum(
-            attention_transfer(s_feats[s], t_feats[s], masks[s]) for s in config.stages
-        ) / len(config.stages)
+            attention_transfer(s_feats[s], t_feats[t], masks[t]) for s, t in pairs
+        ) / len(pairs)
     if config.w_fa > 0:
         terms["fa"] = sum(
-            feature_alignment(s_feats[s], t_feats[s], connectors[s], masks[s])
-            for s in config.stages
-        ) / len(config.stages)
+            feature_alignment(s_feats[s], t_feats[t], connectors[connector_key(s)], masks[t])
+            for s, t in pairs
+        ) / len(pairs)
     return logits, terms
 
 

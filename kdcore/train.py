@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .config import TERMS, TrialConfig
 from .data import Dataset, eval_batches, train_batches
 from .evaluate import cross_entropy_and_accuracy, synchronizer
+from .features import Size, distillable
 from .memory import keep_freed_memory
-from .models import build_model
 from .objective import build_connectors, gradient_shares, loss_terms, weighted_total
 from .precision import autocast as precision_autocast
 from .precision import resolve_precision
@@ -87,12 +87,29 @@ def best_epoch_of(history: list[dict]) -> dict | None:
     return max(history, key=epoch_rank) if history else None
 
 
-def build_student(config: TrialConfig, num_classes: int) -> nn.Module:
-    """The student of ``config``, initialized from ``config.seed``."""
+def needs_features(config: TrialConfig) -> bool:
+    """Whether a term of ``config`` compares features (AT or FA; the masks serve them)."""
+    return config.w_at > 0 or config.w_fa > 0
+
+
+def build_student(config: TrialConfig, num_classes: int, image_size: Size = 32) -> nn.Module:
+    """The student of ``config``, initialized from ``config.seed``.
+
+    ``image_size`` (the data's) serves to choose and check the distilled features of a model
+    other than the built-in ResNets (``kdcore.features.distillable``).
+    """
     torch.manual_seed(config.seed)
-    return build_model(
-        config.student, num_classes, config.stem, config.student_width, config.student_cbam
+    return distillable(
+        config.student, num_classes,
+        config.given_stages("student") if needs_features(config) else None,
+        image_size=image_size, count=config.auto_count("student"), stem=config.stem,
+        width=config.student_width, cbam=config.student_cbam, field="student_stages",
     )
+
+
+def image_shape(data: Dataset) -> tuple[int, int]:
+    """(height, width) of the data's images."""
+    return int(data.train_x.shape[1]), int(data.train_x.shape[2])
 
 
 def prepare_teacher(teacher: nn.Module, config: TrialConfig) -> nn.Module:
@@ -233,14 +250,14 @@ class EpochSums:
 
 
 def trainable_modules(
-    config: TrialConfig, num_classes: int, teacher: nn.Module | None
+    config: TrialConfig, num_classes: int, teacher: nn.Module | None, image_size: Size = 32
 ) -> tuple[nn.Module, nn.ModuleDict]:
     """The student (initialized from ``config.seed``) and its connectors on ``config.device``.
 
     ``teacher`` is the prepared teacher (``prepare_teacher``) the connectors map to, or None.
     On CUDA both use channels_last memory, like the loader's batches.
     """
-    student = build_student(config, num_classes).to(config.device)
+    student = build_student(config, num_classes, image_size).to(config.device)
     connectors = build_connectors(config, student, teacher).to(config.device)
     if torch.device(config.device).type == "cuda":
         student = student.to(memory_format=torch.channels_last)
@@ -259,7 +276,7 @@ def set_up(
         raise ValueError(f"teacher: group {config.group!r} needs a teacher")
     data = data.to(device)
     teacher = prepare_teacher(teacher, config) if config.needs_teacher else None
-    student, connectors = trainable_modules(config, data.num_classes, teacher)
+    student, connectors = trainable_modules(config, data.num_classes, teacher, image_shape(data))
     params = list(student.parameters()) + list(connectors.parameters())
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -435,7 +452,7 @@ def fit_result(
 
     A fresh module, so the states already handed to ``report`` stay unchanged.
     """
-    kept = build_student(config, data.num_classes).to(config.device)
+    kept = build_student(config, data.num_classes, image_shape(data)).to(config.device)
     kept.load_state_dict(progress.best_student)
     history = progress.history
     best = best_epoch_of(history) or {"epoch": 0, "val_acc": math.nan, "val_loss": math.nan}

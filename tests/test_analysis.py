@@ -688,7 +688,8 @@ def test_report_without_runs(tmp_path: Path) -> None:
 
 
 def test_export_round_trips(study_dir: Path, study: analysis.Study) -> None:
-    expected = compare_groups(study.runs)
+    expected = compare_groups(study.runs, paper=None)  # synthetic data: no paper column
+    assert "paper" not in expected
     from_csv = pd.read_csv(io.StringIO(export_comparison(study_dir, "csv")))
     pd.testing.assert_frame_equal(from_csv, expected, check_dtype=False)
     from_json = pd.read_json(io.StringIO(export_comparison(study_dir, "json")), orient="records")
@@ -702,3 +703,91 @@ def test_analysis_imports_no_training_stack() -> None:
             "{m.split('.')[0] for m in sys.modules}; sys.exit(sorted(bad) or 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- the paper's column
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"]
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"data_classes": CIFAR10_NAMES, "data": "synthetic:tiny"}, True),  # the classes decide
+    ({"data_classes": CIFAR10_NAMES[:9], "data": "cifar10"}, False),
+    ({"data_classes": [f"fine{i}" for i in range(100)], "data": "cifar10"}, False),
+    ({"data_classes": CIFAR10_NAMES[::-1]}, False),
+    ({"data": "cifar10"}, True),
+    ({"data": "cifar10:/data/anything"}, True),
+    ({"data": "cifar100"}, False),
+    ({"data": "cifar100:/data/cifar10"}, False),
+    ({"data": "imagefolder:../shared/data/cifar10-jpeg"}, True),  # results/laptop
+    ({"data": "imagefolder:/d/CIFAR-10/"}, True),
+    ({"data": "jpegpack:/packs/cifar10.jpegpack"}, True),
+    ({"data": "imagefolder:/d/cifar100-jpeg"}, False),
+    ({"data": "imagefolder:/d/cifar-100"}, False),
+    ({"data": "imagefolder:/cifar10/other"}, False),  # only the path's own name counts
+    ({"data_spec": "synthetic:4", "data": "cifar10"}, False),  # data_spec first
+    ({"data_spec": "cifar10", "data": "synthetic:4"}, True),
+    ({"data": "synthetic:tiny"}, False),
+    ({}, False),
+])
+def test_is_cifar10_rule(config: dict, expected: bool) -> None:
+    from analysis.constants import is_cifar10, paper_numbers
+
+    assert is_cifar10(config) is expected
+    assert paper_numbers(config) == (PAPER_ACC if expected else None)
+
+
+def test_cifar10_class_names_are_kdcores() -> None:
+    from analysis.constants import CIFAR10_CLASSES
+    from kdcore.data import CIFAR10_CLASSES as KDCORE_CLASSES
+
+    assert CIFAR10_CLASSES == KDCORE_CLASSES == tuple(CIFAR10_NAMES)
+
+
+def test_compare_groups_without_paper_has_no_paper_column(study: analysis.Study) -> None:
+    with_paper = compare_groups(study.runs)
+    without = compare_groups(study.runs, paper=None)
+    assert list(without.columns) == [c for c in with_paper.columns if c != "paper"]
+    pd.testing.assert_frame_equal(without, with_paper.drop(columns="paper"))
+    assert "paper" not in compare_groups(pd.DataFrame(), paper=None).columns
+
+
+def legend_labels(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The legend labels of every figure saved from now on."""
+    import analysis.plots as plots
+
+    seen: list[list[str]] = []
+    original = plots.save
+
+    def recording(fig, path):
+        seen.append([text for ax in fig.axes for text in ax.get_legend_handles_labels()[1]])
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "save", recording)
+    return seen
+
+
+@pytest.mark.parametrize("cifar10", [False, True])
+def test_paper_numbers_only_for_cifar10(study_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch, cifar10: bool) -> None:
+    import shutil
+
+    copy = tmp_path / "study"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("report"))
+    config = json.loads((copy / "study.json").read_text())  # data: synthetic:tiny
+    config["data_classes"] = CIFAR10_NAMES if cifar10 else ["a", "b"]
+    (copy / "study.json").write_text(json.dumps(config))
+    labels = legend_labels(monkeypatch)
+    text = write_report(copy, tmp_path / "out").read_text()
+    comparison = text.split("## Test accuracy over seeds")[1].split("\n## ")[0]
+    header = next(line for line in comparison.splitlines() if line.startswith("| group"))
+    assert header.endswith("| params | paper |" if cifar10 else "| params |")
+    assert ("`paper` is the paper's reported" in text) is cifar10
+    assert ("80.56" in text) is cifar10 and ("paper" in comparison) is cifar10
+    assert ("paper (best validation)" in labels[0]) is cifar10  # the test-accuracy figure
+    exported = json.loads(export_comparison(copy, "json"))
+    assert all(("paper" in row) is cifar10 for row in exported) and len(exported) == 5
+    if cifar10:
+        assert exported[0]["paper"] == PAPER_ACC["baseline"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,7 @@ def _raw(train_x: np.ndarray):
     """``_load_raw``'s answer for a constructed training split (labels 0, 1, 0, 1, ...)."""
     train_y = np.arange(len(train_x), dtype=np.int64) % 2
     test_x, test_y = train_x[:2].copy(), train_y[:2].copy()
-    return lambda spec: (train_x, train_y, test_x, test_y, ("a", "b"))
+    return lambda spec, image_size=None: (train_x, train_y, test_x, test_y, ("a", "b"))
 
 
 def test_mean_and_std_of_a_hand_computed_split(monkeypatch):
@@ -575,3 +576,352 @@ def test_cache_and_pack_files_get_umask_permissions(tmp_path, cache, umask_022):
     assert len(files) == 5
     assert {p.stat().st_mode & 0o777 for p in files} == {0o644}
     assert not [p for p in tmp_path.rglob(".*")]  # no temporary left
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18: fingerprints, normalization, crop padding, image sizes, CIFAR-100, memory
+
+
+# Fingerprints computed on the code before mean/std/image_size existed (commit 8bd32d0):
+# existing caches and stored studies depend on them.
+PINNED_FINGERPRINTS = {
+    ("synthetic:10", 20, None, None, 0): "e2e1f1059f60fe6c",
+    ("synthetic:20", 40, None, None, 0): "e4530fdefcaf2fcd",
+    ("synthetic:10", 0, 5, 2, 3): "a3b1147faf697595",
+}
+
+
+@pytest.mark.parametrize(("key", "expected"), PINNED_FINGERPRINTS.items())
+def test_fingerprint_without_given_stats_is_unchanged(key, expected):
+    spec, val_size, train_n, test_n, seed = key
+    d = load_data(spec, val_size=val_size, train_per_class=train_n, test_per_class=test_n,
+                  split_seed=seed)
+    assert d.fingerprint == expected
+    if key[0] == "synthetic:10" and val_size == 20:  # image_size = the images' size: no resize
+        assert load_data(spec, val_size=val_size, image_size=32).fingerprint == expected
+
+
+def test_imagefolder_fingerprint_is_unchanged(tmp_path, cache):
+    root = tmp_path / "data"
+    _make_folder(root)
+    assert load_data(f"imagefolder:{root}", val_size=2).fingerprint == "42da3d43c0ceb4fa"
+
+
+def test_given_mean_and_std_are_used_and_enter_the_fingerprint():
+    plain = load_data("synthetic:10", val_size=20)
+    given = load_data("synthetic:10", val_size=20, mean=(0.5, 0.25, 0.125), std=[1, 0.5, 0.25])
+    assert given.mean == (0.5, 0.25, 0.125) and given.std == (1.0, 0.5, 0.25)
+    assert all(isinstance(v, float) for v in (*given.mean, *given.std))
+    assert torch.equal(given.train_x, plain.train_x) and torch.equal(given.test_y, plain.test_y)
+    assert given.fingerprint != plain.fingerprint == "e2e1f1059f60fe6c"
+    again = load_data("synthetic:10", val_size=20, mean=(0.5, 0.25, 0.125), std=(1, 0.5, 0.25))
+    assert again.fingerprint == given.fingerprint
+    other = load_data("synthetic:10", val_size=20, mean=(0.5, 0.25, 0.125), std=(1, 0.5, 0.5))
+    assert other.fingerprint != given.fingerprint
+    # Given statistics equal to the split's own still mark other preprocessing settings.
+    same = load_data("synthetic:10", val_size=20, mean=plain.mean, std=plain.std)
+    assert same.mean == plain.mean and same.fingerprint != plain.fingerprint
+    # The loader normalizes with the given numbers: pixel 0 -> -mean / std.
+    (xb, _), = list(eval_batches(given.val_x[:1] * 0, given.val_y[:1], 1, mean=given.mean,
+                                 std=given.std))
+    assert xb[0, :, 0, 0].tolist() == [-0.5, -0.5, -0.5]
+
+
+@pytest.mark.parametrize(("mean", "std", "message"), [
+    ((0.5, 0.5, 0.5), None, "both or neither"),
+    (None, (0.2, 0.2, 0.2), "both or neither"),
+    ((0.5, 0.5), (0.2, 0.2, 0.2), "mean: needs 3 finite numbers in [0, 1]"),
+    ((0.5, float("nan"), 0.5), (0.2, 0.2, 0.2), "mean: needs 3"),
+    ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7), "mean: needs 3"),  # 0-255 scale
+    ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), "std: needs 3 finite numbers in (0, 1]"),
+    ((0.5, 0.5, 0.5), (0.2, -0.1, 0.2), "std: needs 3"),
+    ((0.5, 0.5, 0.5), (0.2, 0.2, float("inf")), "std: needs 3"),
+    ("abc", (0.2, 0.2, 0.2), "mean: needs 3"),
+])
+def test_bad_mean_or_std_is_a_one_line_data_error(mean, std, message):
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        load_data("synthetic:10", val_size=20, mean=mean, std=std)
+    assert "\n" not in str(err.value)
+
+
+def test_crop_padding_hand_values():
+    # size / 8 rounded half up, at least 1
+    expected = {32: 4, 64: 8, 40: 5, 20: 3, 12: 2, 96: 12, 224: 28, 8: 1, 4: 1, 1: 1}
+    assert {size: kdata.crop_padding(size) for size in expected} == expected
+    with pytest.raises(ValueError, match="crop_padding"):
+        kdata.crop_padding(0)
+
+
+def _manual_batch(x, y, mean, std, seed, epoch, pad, batch_size=16):
+    """The first batch by hand: order, offsets in [0, 2 * pad], flips from one generator."""
+    g = kdata.epoch_generator(seed, epoch)
+    n = len(y)
+    order = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    idx = order[:batch_size]
+    return normalize(augment(x[idx], offsets[idx], flips[idx], pad), mean, std), y[idx]
+
+
+def test_train_batches_pad_follows_the_image_size(synthetic):
+    d = synthetic  # 32x32: pad 4, the batches of before
+    first = next(train_batches(d.train_x, d.train_y, 16, seed=2, epoch=3, mean=d.mean,
+                               std=d.std))
+    four = next(train_batches(d.train_x, d.train_y, 16, seed=2, epoch=3, mean=d.mean,
+                              std=d.std, pad=4))
+    assert torch.equal(first[0], four[0]) and torch.equal(first[1], four[1])
+    xb, yb = _manual_batch(d.train_x, d.train_y, d.mean, d.std, 2, 3, pad=4)
+    assert torch.equal(first[0], xb) and torch.equal(first[1], yb)
+    big = load_data("synthetic:4", val_size=10, image_size=64)  # 64x64: pad 8
+    got = next(train_batches(big.train_x, big.train_y, 16, seed=2, epoch=3, mean=big.mean,
+                             std=big.std))
+    xb, yb = _manual_batch(big.train_x, big.train_y, big.mean, big.std, 2, 3, pad=8)
+    assert got[0].shape == (16, 3, 64, 64)
+    assert torch.equal(got[0], xb) and torch.equal(got[1], yb)
+    xb4, _ = _manual_batch(big.train_x, big.train_y, big.mean, big.std, 2, 3, pad=4)
+    assert not torch.equal(got[0], xb4)
+
+
+def test_resize_image_is_antialiased_bilinear():
+    from kdcore.images import resize_image
+
+    four = np.array([[[10] * 3, [20] * 3], [[30] * 3, [40] * 3]], dtype=np.uint8)
+    assert resize_image(four, 1).tolist() == [[[25, 25, 25]]]  # the mean of the 4 pixels
+    # 4x4 of two halves (0 | 200) to 2x2: output column 0 is centred on input x = 1, and the
+    # triangle filter (radius 2 at scale 2) weights input centres 0.5, 1.5, 2.5 by 0.75, 0.75,
+    # 0.25: 0.25 * 200 / 1.75 = 28.6 -> 29, (0.75 + 0.75) * 200 / 1.75 = 171.4 -> 171.
+    # Plain bilinear sampling (no antialias) would give 0 and 200.
+    halves = np.zeros((4, 4, 3), dtype=np.uint8)
+    halves[:, 2:] = 200
+    out = resize_image(halves, 2)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out[..., 0].tolist() == [[29, 171], [29, 171]]
+    assert resize_image(halves, 4) is halves  # already that size: untouched
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    return (7 * i + 3) % 256, 255 - (5 * i) % 256, (11 * i) % 256
+
+
+def _make_constant_folder(root: Path, size=(40, 40), classes=("ant", "bee", "cat"),
+                          train_n=4, test_n=2) -> dict:
+    """An ImageFolder of constant-colour PNGs (image i has ``_colour(i)``); colours by split."""
+    colours, i = {"train": [], "test": []}, 0
+    for split, n in (("train", train_n), ("test", test_n)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(np.full((*size, 3), _colour(i), dtype=np.uint8)).save(
+                    root / split / cls / f"{k:03d}.png")
+                colours[split].append(_colour(i))
+                i += 1
+    return colours
+
+
+def _colours_of(x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each image's colour, checking that it is constant."""
+    flat = x.reshape(len(x), -1, 3)
+    assert torch.equal(flat, flat[:, :1].expand_as(flat))
+    return [tuple(c) for c in flat[:, 0].tolist()]
+
+
+def test_imagefolder_three_classes_at_40px(tmp_path, cache):
+    root = tmp_path / "data"
+    colours = _make_constant_folder(root)
+    d = load_data(f"imagefolder:{root}", val_size=3)
+    assert d.classes == ("ant", "bee", "cat") and d.num_classes == 3
+    assert d.train_x.shape == (9, 40, 40, 3) and d.val_x.shape == (3, 40, 40, 3)
+    assert d.test_x.shape == (6, 40, 40, 3) and d.test_y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert _colours_of(d.test_x) == colours["test"]
+    assert sorted(_colours_of(torch.cat([d.train_x, d.val_x]))) == sorted(colours["train"])
+
+
+def test_imagefolder_mixed_sizes_need_image_size(tmp_path, cache):
+    root = tmp_path / "data"
+    _make_constant_folder(root)
+    odd = root / "train" / "bee" / "001.png"
+    Image.fromarray(np.full((30, 20, 3), 9, dtype=np.uint8)).save(odd)  # 20 wide, 30 high
+    with pytest.raises(DataError) as err:
+        load_data(f"imagefolder:{root}", val_size=3)
+    message = str(err.value)
+    assert "\n" not in message and str(odd) in message
+    assert "is 20x30, expected 40x40" in message and "set image_size" in message
+
+
+def test_imagefolder_image_size_resizes_mixed_sizes(tmp_path, cache):
+    root = tmp_path / "data"
+    colours = _make_constant_folder(root)
+    for path, shape, value in ((root / "test" / "cat" / "001.png", (30, 20), 9),
+                               (root / "train" / "ant" / "000.png", (8, 64), 77)):  # the first
+        Image.fromarray(np.full((*shape, 3), value, dtype=np.uint8)).save(path)
+    colours["test"][-1], colours["train"][0] = (9, 9, 9), (77, 77, 77)
+    d = load_data(f"imagefolder:{root}", val_size=3, image_size=16)
+    assert d.train_x.shape == (9, 16, 16, 3) and d.test_x.shape == (6, 16, 16, 3)
+    assert d.train_x.dtype == torch.uint8
+    assert _colours_of(d.test_x) == colours["test"]  # a constant colour stays exactly that
+    assert sorted(_colours_of(torch.cat([d.train_x, d.val_x]))) == sorted(colours["train"])
+
+
+def test_imagefolder_cache_keeps_resized_and_original_arrays_apart(tmp_path, cache, count_calls):
+    root = tmp_path / "data"
+    _make_constant_folder(root)
+    calls = count_calls(kdata, "decode_image")
+    plain = load_data(f"imagefolder:{root}", val_size=3)
+    small = load_data(f"imagefolder:{root}", val_size=3, image_size=16)
+    assert calls["n"] == 36  # 18 files, decoded once per size
+    assert len(list(cache.glob("imagefolder-*/train_x.npy"))) == 2
+    assert len(list(cache.glob("imagefolder-*-16px/train_x.npy"))) == 1
+    again_plain = load_data(f"imagefolder:{root}", val_size=3)
+    again_small = load_data(f"imagefolder:{root}", val_size=3, image_size=16)
+    assert calls["n"] == 36  # both from their own cache
+    assert plain.train_x.shape[1:] == again_plain.train_x.shape[1:] == (40, 40, 3)
+    assert small.train_x.shape[1:] == again_small.train_x.shape[1:] == (16, 16, 3)
+    assert again_plain.fingerprint == plain.fingerprint != small.fingerprint
+    assert again_small.fingerprint == small.fingerprint
+
+
+def test_image_size_for_synthetic_and_jpegpack(tmp_path, cache):
+    d = load_data("synthetic:4", val_size=10, image_size=64)
+    assert d.train_x.shape == (30, 64, 64, 3) and d.test_x.shape == (20, 64, 64, 3)
+    plain = load_data("synthetic:4", val_size=10)
+    # Upscaling by 2 keeps each image's mean colour (up to edge effects and rounding).
+    np.testing.assert_allclose(d.test_x.double().mean((1, 2)), plain.test_x.double().mean((1, 2)),
+                               atol=1.0)
+    from kdcore.jpegpack import pack_imagefolder
+
+    root = tmp_path / "tree"
+    _make_jpeg_folder(root)  # 8x8 JPEGs
+    pack_imagefolder(root, tmp_path / "t.jpegpack")
+    tree = load_data(f"imagefolder:{root}", val_size=3, image_size=4)
+    packed = load_data(f"jpegpack:{tmp_path / 't.jpegpack'}", val_size=3, image_size=4)
+    assert packed.train_x.shape[1:] == (4, 4, 3)
+    _same_dataset(tree, packed)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "32"])
+def test_bad_image_size_is_a_data_error(bad):
+    with pytest.raises(DataError, match="image_size"):
+        load_data("synthetic:4", val_size=10, image_size=bad)
+
+
+def _make_cifar100(root: Path, train_n: int = 2, test_n: int = 1):
+    """``ROOT/cifar-100-python/{train,test,meta}`` pickled as torchvision reads them (their md5
+    sums are not the official ones). Returns (fine label names, {split: (images, labels)})."""
+    import pickle
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    names = [f"fine{99 - i:02d}" for i in range(100)]  # not sorted: the order is meta's
+    rng = np.random.default_rng(5)
+    written = {}
+    for split, n in (("train", train_n), ("test", test_n)):
+        labels = np.tile(np.arange(100), n)
+        images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+        entry = {"data": images.transpose(0, 3, 1, 2).reshape(len(labels), 3072),
+                 "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                 "filenames": [f"{i}.png" for i in range(len(labels))]}
+        (folder / split).write_bytes(pickle.dumps(entry))
+        written[split] = (images, labels)
+    meta = {"fine_label_names": names, "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return names, written
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's download fails at once (as without a network), whatever the machine."""
+    from torchvision.datasets import CIFAR10
+
+    def no_network(self):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(CIFAR10, "download", no_network)  # CIFAR100 inherits it
+
+
+def test_cifar100_reads_a_local_copy_offline(tmp_path, offline):
+    names, written = _make_cifar100(tmp_path / "c100")
+    d = load_data(f"cifar100:{tmp_path / 'c100'}", val_size=100)
+    assert d.classes == tuple(names) and d.num_classes == 100 and d.spec.startswith("cifar100:")
+    assert d.train_x.shape == (100, 32, 32, 3) and d.val_x.shape == (100, 32, 32, 3)
+    test_images, test_labels = written["test"]
+    np.testing.assert_array_equal(d.test_x.numpy(), test_images)  # HWC as written
+    assert d.test_y.tolist() == test_labels.tolist()
+    images, labels = written["train"]
+    got = {(a.tobytes(), int(b)) for a, b in zip(torch.cat([d.train_x, d.val_x]).numpy(),
+                                                 torch.cat([d.train_y, d.val_y]).tolist(),
+                                                 strict=True)}
+    assert got == {(a.tobytes(), int(b)) for a, b in zip(images, labels, strict=True)}
+    assert torch.bincount(d.val_y, minlength=100).tolist() == [1] * 100
+    resized = load_data(f"cifar100:{tmp_path / 'c100'}", val_size=100, image_size=48)
+    assert resized.test_x.shape == (100, 48, 48, 3)
+
+
+def test_cifar100_without_a_copy_or_network_is_one_line(tmp_path, offline):
+    with pytest.raises(DataError) as err:
+        load_data(f"cifar100:{tmp_path / 'none'}", val_size=100)
+    assert str(err.value) == (
+        f"cannot load CIFAR-100 from {tmp_path / 'none'} or download it (OSError: no network "
+        "in this test); use --data imagefolder:PATH for a local copy")
+
+
+def test_human_bytes_hand_values():
+    assert kdata.human_bytes(1023) == "1023 B"
+    assert kdata.human_bytes(1536) == "1.5 KiB"
+    assert kdata.human_bytes(184_320_000) == "175.8 MiB"  # 184320000 / 2**20 = 175.78
+    assert kdata.human_bytes(3 * 2**40) == "3.0 TiB"
+
+
+def _limit(monkeypatch, n) -> None:
+    monkeypatch.setenv(kdata.MEMORY_LIMIT_ENV, str(n))
+
+
+def test_imagefolder_too_large_is_refused_before_decoding(tmp_path, cache, monkeypatch,
+                                                          count_calls):
+    root = tmp_path / "data"
+    _make_constant_folder(root)  # 18 images of 40x40x3: 18 * 4800 = 86400 bytes
+    calls = count_calls(kdata, "decode_image")
+    _limit(monkeypatch, 86_399)
+    with pytest.raises(DataError) as err:
+        load_data(f"imagefolder:{root}", val_size=3)
+    message = str(err.value)
+    assert "\n" not in message and calls["n"] == 0 and not cache.exists()
+    assert "needs 84.4 KiB (86400 bytes)" in message
+    assert "84.4 KiB (86399 bytes) are available (KDSEARCH_MEMORY_LIMIT_BYTES)" in message
+    _limit(monkeypatch, 86_400)  # exactly enough
+    assert load_data(f"imagefolder:{root}", val_size=3).train_x.shape == (9, 40, 40, 3)
+    _limit(monkeypatch, 18 * 16 * 16 * 3)  # resized while decoded: only the 16x16 arrays
+    assert load_data(f"imagefolder:{root}", val_size=3, image_size=16).test_x.shape[1] == 16
+    _limit(monkeypatch, 18 * 16 * 16 * 3 - 1)
+    with pytest.raises(DataError, match=r"\(13824 bytes\)"):
+        load_data(f"imagefolder:{root}", val_size=3, image_size=16)
+
+
+def test_cifar_and_synthetic_sizes_are_checked_up_front(tmp_path, monkeypatch, offline):
+    # CIFAR-10/100: 60000 images of 32x32x3 = 184320000 bytes, refused before reading ROOT.
+    _limit(monkeypatch, 184_319_999)
+    for spec, title in (("cifar100", "CIFAR-100"), ("cifar10", "CIFAR-10")):
+        with pytest.raises(DataError, match=rf"^{title} needs 175.8 MiB \(184320000 bytes\)"):
+            load_data(f"{spec}:{tmp_path / 'none'}", val_size=10)
+    # with image_size 64 the resized copies count too: + 60000 * 64 * 64 * 3 = 921600000
+    _limit(monkeypatch, 921_599_999)
+    with pytest.raises(DataError, match=r"\(921600000 bytes\)"):
+        load_data(f"cifar100:{tmp_path / 'none'}", val_size=10, image_size=64)
+    # synthetic:4: (40 + 20) images: 184320 bytes at 32 px, + 737280 resized to 64 px
+    _limit(monkeypatch, 184_320)
+    assert load_data("synthetic:4", val_size=10).fingerprint
+    with pytest.raises(DataError, match=r"needs 900.0 KiB \(921600 bytes\)"):
+        load_data("synthetic:4", val_size=10, image_size=64)
+    _limit(monkeypatch, "lots")
+    with pytest.raises(DataError, match="KDSEARCH_MEMORY_LIMIT_BYTES must be a number of bytes"):
+        load_data("synthetic:4", val_size=10)
+
+
+def test_available_memory_reads_meminfo(monkeypatch):
+    monkeypatch.delenv(kdata.MEMORY_LIMIT_ENV, raising=False)
+    found = kdata.available_memory()
+    if not Path("/proc/meminfo").exists():
+        pytest.skip("no /proc/meminfo here")
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines()
+                if x.startswith("MemAvailable:"))
+    assert found is not None and found[1] == "MemAvailable in /proc/meminfo"
+    assert abs(found[0] - int(line.split()[1]) * 1024) < 2**30  # read a moment apart

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -200,3 +201,100 @@ def test_measure_interleaved_runs_under_the_requested_precision() -> None:
         measure_interleaved({"p": probe}, SHAPE, rounds=1, repeats=1, large_batch=2,
                             warmup=0, precision=precision)
         assert probe.dtypes and set(probe.dtypes) == {dtype}
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruption severities at any image size
+
+
+def _corrupt_at_32px(x: torch.Tensor, corruption: str, severity: int,
+                     g: torch.Generator) -> torch.Tensor:
+    """``kdcore.evaluate.corrupt`` as it was before severities scaled with the image size
+    (commit 8bd32d0), frozen here as the reference at 32x32."""
+    import torchvision.transforms.v2.functional as TF
+
+    from kdcore.evaluate import SEVERITY
+
+    c = SEVERITY[corruption][severity - 1]
+    b, _, h, w = x.shape
+    if corruption == "gaussian_noise":
+        out = x + torch.randn(x.shape, generator=g) * c
+    elif corruption == "shot_noise":
+        out = torch.poisson(x * c, generator=g) / c
+    elif corruption == "impulse_noise":
+        u = torch.rand(b, 1, h, w, generator=g)
+        out = torch.where(u < c / 2, 0.0, torch.where(u > 1 - c / 2, 1.0, x))
+    elif corruption == "gaussian_blur":
+        out = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[c, c])
+    elif corruption == "contrast":
+        out = TF.adjust_contrast(x, c)
+    elif corruption == "brightness":
+        out = x + c
+    else:  # occlusion
+        side = max(1, round(c * h))
+        top = (torch.rand(b, generator=g) * (h - side + 1)).long()
+        left = (torch.rand(b, generator=g) * (w - side + 1)).long()
+        rows = torch.arange(h)[None, :, None]
+        cols = torch.arange(w)[None, None, :]
+        inside = ((rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
+                  & (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None]))
+        out = torch.where(inside[:, None], 0.5, x)
+    return out.clamp(0.0, 1.0)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_corruptions_at_32px_are_unchanged(size: int) -> None:
+    """Every corruption and severity gives today's tensor at 32x32; at 64x64 only the blur
+    (measured in pixels) differs."""
+    from kdcore.evaluate import CORRUPTIONS, corrupt
+
+    x = torch.rand((3, 3, size, size), generator=torch.Generator().manual_seed(0))
+    for name in CORRUPTIONS:
+        for severity in range(1, 6):
+            got = corrupt(x, name, severity, torch.Generator().manual_seed(7 * severity))
+            ref = _corrupt_at_32px(x, name, severity, torch.Generator().manual_seed(7 * severity))
+            same = torch.equal(got, ref)
+            assert same == (size == 32 or name != "gaussian_blur"), (name, severity)
+
+
+def _spread(profile: np.ndarray) -> float:
+    """Standard deviation (pixels) of a 1-D profile around its centre."""
+    x = np.arange(len(profile)) - (len(profile) - 1) / 2
+    return float(np.sqrt((x * x * profile).sum() / profile.sum()))
+
+
+def _gaussian(half: int, sigma: float) -> np.ndarray:
+    """torchvision's discrete kernel: exp(-x^2 / (2 sigma^2)) at x = -half..half, summing to 1."""
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def test_blur_sigma_scales_with_the_image_size() -> None:
+    """A single bright pixel blurred at severity 5 (sigma 1 at 32 px): its spread is the
+    kernel's, and the kernel is sigma 1 over 5 pixels at 32 px, sigma 2 over 9 pixels at 64 px
+    (spreads 0.961 and 1.852 by hand from the kernels' weights)."""
+    from kdcore.evaluate import blur_params, corrupt
+
+    assert blur_params(1.0, 32) == (5, 1.0) and blur_params(0.4, 64) == (9, 0.8)
+    assert blur_params(1.0, 16) == (3, 0.5) and blur_params(1.0, 96) == (13, 3.0)
+    g = torch.Generator()
+    spreads = {}
+    for size, half, sigma in ((32, 2, 1.0), (64, 4, 2.0)):
+        x = torch.zeros(1, 1, size, size)
+        x[0, 0, size // 2, size // 2] = 1.0
+        out = corrupt(x, "gaussian_blur", 5, g)[0, 0].double().numpy()
+        c = size // 2
+        kernel = _gaussian(half, sigma)
+        np.testing.assert_allclose(out[c - half:c + half + 1, c - half:c + half + 1],
+                                   np.outer(kernel, kernel), atol=1e-6)
+        assert out.sum() == pytest.approx(1.0, abs=1e-5)  # nothing outside the kernel
+        spreads[size] = _spread(out[c - half:c + half + 1, c])
+    assert spreads[32] == pytest.approx(0.9614, abs=1e-3)
+    assert spreads[64] == pytest.approx(1.8515, abs=1e-3)
+    # Not square (32 high, 64 wide): sigma 1 along the height, 2 along the width.
+    x = torch.zeros(1, 1, 32, 64)
+    x[0, 0, 16, 32] = 1.0
+    out = corrupt(x, "gaussian_blur", 5, g)[0, 0].double().numpy()
+    np.testing.assert_allclose(out[14:19, 28:37], np.outer(_gaussian(2, 1.0), _gaussian(4, 2.0)),
+                               atol=1e-6)

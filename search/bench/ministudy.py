@@ -51,6 +51,7 @@ def _worker(config, tasks, results) -> None:
     """One process sharing the device: loads the data once, then trains runs until None."""
     import torch
 
+    from kdcore.features import network
     from kdcore.teacher import load_teacher
     from search.engine.reproduce import evaluate_run
 
@@ -65,7 +66,8 @@ def _worker(config, tasks, results) -> None:
             if teacher_state is None and GROUP_TERMS[run["group"]] != ("ce",):
                 # The file the driver trained; a worker never trains a teacher itself.
                 path = config.teacher_cache / teacher_file(config.teacher.content_hash(data))
-                teacher_state = load_teacher(path, config.teacher, data.num_classes).state_dict()
+                teacher_state = network(load_teacher(path, config.teacher,
+                                                     data.num_classes)).state_dict()
             history: list[dict] = []
             result = evaluate_run(run, config, data, teacher_state,
                                   report=lambda metrics, state, h=history: h.append(metrics))

@@ -17,7 +17,7 @@ from search.commands.parser import GROUP_CHOICES, Default, build_parser
 __all__ = ["GROUP_CHOICES", "Default", "build_parser", "main"]
 
 COMMANDS = ("train", "teacher", "tune", "reproduce", "analyze", "run", "bench", "compact",
-            "pack")
+            "pack", "models")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,8 @@ def _common(p: argparse.ArgumentParser, storage: bool = True) -> None:
     p.add_argument(
         "--data",
         default=_default("KDSEARCH_DATA", "cifar10"),
-        help="data spec: cifar10[:ROOT], imagefolder:PATH, jpegpack:FILE or synthetic[:N] "
+        help="data spec: cifar10[:ROOT], cifar100[:ROOT], imagefolder:PATH, jpegpack:FILE or "
+        "synthetic[:N] "
         "(default: $KDSEARCH_DATA or cifar10)",
     )
     if storage:
@@ -199,6 +200,18 @@ def _pack(sub) -> None:
     p.add_argument("--out", required=True, help="the pack file to write")
 
 
+def _models(sub) -> None:
+    p = sub.add_parser("models", help="a model's candidate stages: node names, output shapes")
+    p.add_argument("spec", help="resnet18|resnet34|resnet50, torchvision:NAME, timm:NAME or "
+                   "MODULE:CALLABLE (importable here)")
+    p.add_argument("--image-size", type=int, default=32, help="input side in pixels (32)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (10)")
+    p.add_argument("--count", type=int, default=3,
+                   help="stages of the automatic choice (3; as many as the other model has)")
+    p.add_argument("--all", action="store_true",
+                   help="every node, not only those with a (C, H, W) output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdsearch", description="The ``kdsearch`` command line: train, "
                      "teacher, tune, reproduce, analyze, run, bench.")
@@ -212,4 +225,5 @@ def build_parser() -> argparse.ArgumentParser:
     _bench(sub)
     _compact(sub)
     _pack(sub)
+    _models(sub)
     return parser

@@ -21,7 +21,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
         name, sep, raw = pair.partition("=")
         if not sep or name not in fields:
             raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD a TrialConfig field")
-        if name == "stages":
+        if name in ("stages", "student_stages", "teacher_stages"):
             out[name] = tuple(s for s in raw.split(",") if s)
             continue
         try:
@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
     from kdcore.atomic import atomic_torch_save
     from kdcore.config import TEACHERS, TeacherConfig
     from kdcore.teacher import get_teacher
-    from kdcore.train import load_checkpoint
+    from kdcore.train import load_checkpoint, needs_features
 
     config = TrialConfig.for_group(args.group, **_parse_overrides(args.set))
     out = (
@@ -72,7 +72,9 @@ def cmd_train(args) -> int:
             f"teacher {tcfg.arch} (width {tcfg.width}): training or loading from cache", flush=True
         )
         teacher, digest, meta = get_teacher(
-            tcfg, data, Path(args.storage) / TEACHERS, report=_progress("teacher")
+            tcfg, data, Path(args.storage) / TEACHERS, report=_progress("teacher"),
+            stages=config.given_stages("teacher") if needs_features(config) else None,
+            count=config.auto_count("teacher"),
         )
         print(f"teacher {digest}: val_acc {100 * meta.get('val_acc', float('nan')):.2f}%")
     out.mkdir(parents=True, exist_ok=True)

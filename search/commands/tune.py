@@ -50,6 +50,13 @@ def run_tune(config: StudyConfig, resume: bool = False, address: str | None = No
         check_reachable(address)  # fail fast, before the data is decoded
     data = config.load_data()
     check_same_data(stored if resume else None, data.fingerprint, config.data)
+    if not simulate:
+        from search.engine.trainable import check_models
+
+        pairs = check_models(config, data)  # a bad model or stage is refused before Ray starts
+        if pairs:
+            print("distilled stages (student <- teacher): "
+                  + ", ".join(f"{s} <- {t}" for s, t in pairs), flush=True)
     cached = None
     if needs_teacher(config) and not simulate:
         from search.engine.teacher_task import load_cached
@@ -66,7 +73,7 @@ def run_tune(config: StudyConfig, resume: bool = False, address: str | None = No
     teacher_state, teacher_meta = (None, {}) if simulate else prepare_teacher(
         config, data, address, cached)
     write_study_json(config, data_fingerprint=data.fingerprint, data_spec=data.spec,
-                     **teacher_meta)
+                     data_classes=list(data.classes), **teacher_meta)
     inputs = SharedInputs(data=ray.put(data),
                           teacher_state=ray.put(teacher_state) if teacher_state else None,
                           simulate=simulate)

@@ -54,20 +54,25 @@ def init_ray(config: StudyConfig, address: str | None = None, num_cpus: int | No
     ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and, with ``RAY_AUTH_MODE`` unset, turns
     token mode on for itself (Ray never does for an explicit address; a token-mode driver
     still joins a cluster without authentication). A cluster that refuses the driver is one
-    line naming authentication and the fix. A private instance keeps authentication on (its
-    GCS and raylet listen on every interface) with the token found, else with a random one
-    that only this process's environment holds: nothing is written to ``~/.ray``.
+    line naming authentication and the fix. The study's own model code (``MODULE:CALLABLE``
+    specs) travels in the job's ``runtime_env`` (``search.engine.user_code``). A private
+    instance keeps authentication on (its GCS and raylet listen on every interface) with the
+    token found, else with a random one that only this process's environment holds: nothing
+    is written to ``~/.ray``.
     """
     import ray
 
     if ray.is_initialized():
         return
+    from search.engine.user_code import runtime_env
+
     address = address or os.environ.get("RAY_ADDRESS") or None
     mode, source = os.environ.get("RAY_AUTH_MODE"), token_source()
+    env = runtime_env(config) if config is not None else None  # the user's model code
     if address:
-        _join(address, mode, source)
+        _join(address, mode, source, env)
     else:
-        _start_private(mode, source, num_cpus)
+        _start_private(mode, source, num_cpus, env)
 
 
 def token_source() -> str | None:
@@ -81,7 +86,7 @@ def token_source() -> str | None:
     return next((str(f) for f in files if f.is_file()), None)
 
 
-def _join(address: str, mode: str | None, source: str | None) -> None:
+def _join(address: str, mode: str | None, source: str | None, env: dict | None = None) -> None:
     """``ray.init(address)``, presenting the token found; one-line ValueError on failure."""
     import ray
     from ray.exceptions import AuthenticationError
@@ -93,7 +98,7 @@ def _join(address: str, mode: str | None, source: str | None) -> None:
     failure = None
     with _quiet_refusals():
         try:
-            ray.init(address=address, logging_level="warning")
+            ray.init(address=address, logging_level="warning", runtime_env=env)
         except (AuthenticationError, ConnectionError, RuntimeError, ValueError,
                 TimeoutError) as exc:
             failure = exc
@@ -143,7 +148,8 @@ def _join_failure(address: str, failure: BaseException, mode: str | None,
             "'token' (docs/SEARCH.md, Running on a cluster)")
 
 
-def _start_private(mode: str | None, source: str | None, num_cpus: int | None) -> None:
+def _start_private(mode: str | None, source: str | None, num_cpus: int | None,
+                   env: dict | None = None) -> None:
     """A private Ray instance on this machine; never joins one that ``ray start`` began.
 
     Its GCS and raylet listen on every interface, so token authentication stays on (Ray's
@@ -162,7 +168,7 @@ def _start_private(mode: str | None, source: str | None, num_cpus: int | None) -
     notice.setLevel(logging.ERROR)
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 dashboard_host="127.0.0.1", logging_level="warning")
+                 dashboard_host="127.0.0.1", logging_level="warning", runtime_env=env)
     finally:
         notice.setLevel(level)
 

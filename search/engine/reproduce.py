@@ -23,14 +23,15 @@ from typing import Any
 from analysis.constants import SPEED_FILE
 from analysis.stats import best_configs
 from kdcore.evaluate import evaluate_student
-from kdcore.train import fit
+from kdcore.train import fit, image_shape
 from search.engine.speed import measure_architectures
 from search.engine.trainable import (
-    _teacher,
     cfg_columns,
+    check_models,
     frozen_teacher,
     quiet_normal_stop,
     trial_settings,
+    trial_teacher,
 )
 from search.store import files as fsutil
 from search.store.files import RAY_DIR
@@ -87,7 +88,7 @@ def evaluate_run(
 
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
     trial = trial_settings(study, run)
-    teacher = _teacher(study, trial, teacher_state, data.num_classes)
+    teacher = trial_teacher(study, trial, teacher_state, data)
     t0 = time.monotonic()
     result = fit(trial, data, teacher, report=report)
     evaluation = evaluate_student(result.student, data, study.device, precision=study.precision)
@@ -143,17 +144,23 @@ def stored_teacher_evaluation(config: StudyConfig, teacher_hash: str | None) -> 
 
 def evaluate_teacher(config: StudyConfig, data, teacher_state: dict,
                      teacher_hash: str | None) -> dict:
-    """Test accuracy, loss, size and speed of the study's teacher; written to ``teacher.json``.
+    """Validation and test accuracy, loss, size and speed of the study's teacher; written to
+    ``teacher.json``.
 
     Measured like a student (``evaluate_student``, the study's precision) on the same test
     set, without the corruption sweep.
     """
-    model = frozen_teacher(config, teacher_state, data.num_classes)
+    from kdcore.evaluate import accuracy
+
+    model = frozen_teacher(config, teacher_state, data.num_classes, image_shape(data))
     metrics = evaluate_student(model, data, config.device, with_robustness=False,
                                precision=config.precision)["metrics"]
-    doc = {"hash": teacher_hash, "arch": config.teacher.arch, "width": config.teacher.width,
-           "cbam": config.teacher.cbam, "epochs": config.teacher.epochs,
-           **{k: v for k, v in metrics.items() if k != "corrupt_acc_mean"}}
+    _, val_acc = accuracy(model, data.val_x.to(config.device), data.val_y.to(config.device),
+                          data.mean, data.std, precision=config.precision)
+    t = config.teacher
+    doc = {"hash": teacher_hash, "arch": t.arch, "width": t.width, "cbam": t.cbam,
+           "epochs": None if t.checkpoint else t.epochs, "checkpoint": t.checkpoint,
+           "val_acc": val_acc, **{k: v for k, v in metrics.items() if k != "corrupt_acc_mean"}}
     fsutil.write_bytes(teacher_json_path(config), json.dumps(doc, indent=2).encode())
     return doc
 
@@ -198,6 +205,7 @@ def run_reproduce(
         return 0
     data = config.load_data()
     check_same_data(stored, data.fingerprint, config.data)
+    check_models(config, data)  # a bad model or stage: refused before Ray starts
     teacher_state, meta = prepare_teacher(config, data, address)  # a bad file: refused before Ray
     if runs:
         quiet_ray()

@@ -22,8 +22,9 @@ import torch
 
 from analysis.constants import SPEED_FILE, describe_arch
 from kdcore.evaluate import measure_interleaved
-from kdcore.models import build_model, count_parameters
+from kdcore.models import count_parameters
 from kdcore.precision import resolve_precision
+from kdcore.zoo import build_network
 from search.engine.trainable import frozen_teacher
 from search.store import files as fsutil
 from search.study import StudyConfig
@@ -54,7 +55,7 @@ def measure_architectures(
     """Measure the study's student (and teacher, when ``teacher_state`` is given) interleaved
     on ``config.device`` with ``config.precision``; write and return ``speed.json``.
 
-    The student is built with fresh weights (``kdcore.models.build_model`` with the study's
+    The student is built with fresh weights (``kdcore.zoo.build_network`` with the study's
     ``student``, ``student_width``, ``student_cbam`` and ``stem``): latency does not depend on
     weight values. The teacher is ``search.engine.trainable.frozen_teacher`` of ``teacher_state``.
     ``data`` gives the number of classes and the image shape (its test images). ``threads``
@@ -73,12 +74,12 @@ def measure_architectures(
     shape = tuple(int(data.test_x.shape[i]) for i in (3, 1, 2))  # (N, H, W, C) -> (C, H, W)
     specs = {"student": {"arch": config.student, "width": config.student_width,
                          "cbam": config.student_cbam, "stem": config.stem}}
-    models = {"student": build_model(config.student, num_classes, config.stem,
-                                     config.student_width, config.student_cbam)}
+    models = {"student": build_network(config.student, num_classes, config.stem,
+                                       config.student_width, config.student_cbam)}
     if teacher_state is not None:
         t = config.teacher
         specs["teacher"] = {"arch": t.arch, "width": t.width, "cbam": t.cbam, "stem": t.stem}
-        models["teacher"] = frozen_teacher(config, teacher_state, num_classes)
+        models["teacher"] = frozen_teacher(config, teacher_state, num_classes, shape[1:])
     precision = resolve_precision(config.precision, config.device)
     before = torch.get_num_threads()
     if threads is not None:

@@ -12,12 +12,18 @@ on a cluster it runs on a GPU worker even when the driver has none. Training hol
 exclusive lock on ``teacher-<hash>.lock`` next to the file (local and shared POSIX storage),
 so two studies that need the same teacher at the same time train it once: the second waits,
 then loads it.
+
+A teacher given as ``teacher.checkpoint`` (a path or URI) is never trained: the driver reads
+it (``from_checkpoint``: strictly, before Ray starts), measures it on the validation split and
+ships its weights to the workers like a stored teacher's; ``study.json`` records the file's
+content hash, and a resumed study refuses a file that changed since.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import math
 import tempfile
 import time
@@ -28,7 +34,10 @@ import torch
 
 from kdcore.config import GROUP_TERMS, TEACHERS, teacher_file
 from kdcore.data import Dataset
-from kdcore.teacher import get_teacher, load_teacher
+from kdcore.evaluate import accuracy
+from kdcore.features import network
+from kdcore.teacher import build_teacher, get_teacher, load_teacher, load_weights, read_state_dict
+from kdcore.train import image_shape
 from search.engine.ray_start import cluster_slots, init_ray, quiet_ray
 from search.store import files as fsutil
 from search.study import StudyConfig, read_study_json
@@ -58,6 +67,8 @@ def load_cached(config: StudyConfig, data: Dataset,
     ignored. Otherwise the file of the current key (``teacher_path``).
     """
     teacher_hash = teacher_hash or recorded_hash(config)
+    if config.teacher.checkpoint:
+        return from_checkpoint(config, data, teacher_hash)
     path = teacher_path(config, data)
     if teacher_hash and teacher_hash in config.teacher.cache_keys(data):
         recorded = teacher_path(config, data, teacher_hash)
@@ -72,7 +83,35 @@ def load_cached(config: StudyConfig, data: Dataset,
             Path(local).write_bytes(blob)
         model = load_teacher(local, config.teacher, data.num_classes)
         meta = torch.load(local, map_location="cpu", weights_only=True).get("meta", {})
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, meta
+    return {k: v.detach().cpu() for k, v in network(model).state_dict().items()}, meta
+
+
+def from_checkpoint(config: StudyConfig, data: Dataset,
+                    recorded: str | None = None) -> tuple[dict, dict]:
+    """(state_dict, meta) of the teacher in ``teacher.checkpoint``; ValueError in one line.
+
+    Read from a local path or URI, loaded strictly into the teacher's model built with the
+    study's stages (so a wrong key or stage is refused here, on the driver), measured on the
+    validation split. ``meta["hash"]`` is the file's content hash; ``recorded`` (the study's
+    ``teacher_hash``) must equal it.
+    """
+    from search.engine.trainable import teacher_stages
+
+    path = config.teacher.checkpoint
+    blob = fsutil.read_bytes(path)
+    if blob is None:
+        raise ValueError(f"teacher.checkpoint: no file at {path}")
+    digest = hashlib.sha256(blob).hexdigest()[:16]
+    if recorded and recorded != digest:
+        raise ValueError(f"teacher.checkpoint: {path} changed since the study started (content "
+                         f"hash {digest}, the study recorded {recorded}); use another --study")
+    stages, count = teacher_stages(config)
+    model = build_teacher(config.teacher, data.num_classes, image_shape(data), stages, count or 3)
+    load_weights(model, read_state_dict(blob, path), path, config.teacher.arch)
+    _, val_acc = accuracy(model, data.val_x, data.val_y, data.mean, data.std,
+                          precision=config.precision)
+    meta = {"hash": digest, "val_acc": val_acc, "checkpoint": path}
+    return {k: v.detach().cpu() for k, v in network(model).state_dict().items()}, meta
 
 
 @contextlib.contextmanager
@@ -192,6 +231,8 @@ def prepare_teacher(config: StudyConfig, data, address: str | None = None,
                  else "trained meanwhile by another study")
         print(describe(cached[1], where), flush=True)
     else:
-        print(describe(cached[1], "from storage"), flush=True)
+        where = (f"checkpoint {config.teacher.checkpoint}, not trained"
+                 if config.teacher.checkpoint else "from storage")
+        print(describe(cached[1], where), flush=True)
     state, meta = cached
     return state, {"teacher_hash": meta.get("hash"), "teacher_val_acc": meta.get("val_acc")}

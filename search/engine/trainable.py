@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from kdcore.config import TrialConfig
+from kdcore.config import GROUP_TERMS, TrialConfig
 from kdcore.data import Dataset
-from kdcore.teacher import build_teacher
-from kdcore.train import DivergedError, best_epoch_of, fit
+from kdcore.features import Size
+from kdcore.teacher import build_teacher, load_weights
+from kdcore.train import DivergedError, best_epoch_of, fit, image_shape
 from search.engine.simulated import simulated_fit
 from search.study import PARAMS, StudyConfig
 
@@ -91,19 +92,54 @@ def _restore() -> tuple[dict | None, int, float]:
     return blob["state"], int(blob["attempt"]) + 1, float(blob["wall_seconds"])
 
 
-def frozen_teacher(study: StudyConfig, state: dict, num_classes: int) -> torch.nn.Module:
-    """The study's teacher with weights ``state``, in eval mode, no parameter requiring grad."""
-    model = build_teacher(study.teacher, num_classes)
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+def teacher_stages(study: StudyConfig) -> tuple[tuple[str, ...] | None, int]:
+    """(stages, count) the study's teacher is built with (``kdcore.teacher.build_teacher``):
+    None when no group distils features, else its stage setting for the trials."""
+    if not any(t in ("at", "fa") for g in study.groups for t in GROUP_TERMS[g]):
+        return None, 0
+    trial = study.trial_config(study.groups[-1], {}, study.seed)  # the stages of every group
+    return trial.given_stages("teacher"), trial.auto_count("teacher")
 
 
-def _teacher(study: StudyConfig, config: TrialConfig, state: dict | None, num_classes: int):
+def frozen_teacher(study: StudyConfig, state: dict, num_classes: int,
+                   image_size: Size = 32) -> torch.nn.Module:
+    """The study's teacher with weights ``state`` (its classifier's state dict), in eval mode,
+    no parameter requiring grad; ``image_size`` is the data's (``kdcore.features``)."""
+    stages, count = teacher_stages(study)
+    model = build_teacher(study.teacher, num_classes, image_size, stages, count or 3)
+    return load_weights(model, state, "the study's teacher", study.teacher.arch)
+
+
+def check_models(study: StudyConfig, data: Dataset) -> tuple[tuple[str, str], ...]:
+    """Build the study's student and teacher once, on the driver, before anything runs.
+
+    A spec that cannot be built, a stage a model does not have or stage lists that do not
+    pair up is a ``ValueError`` here rather than in every trial. Returns the stage pairs AT
+    and FA use (empty when no group distils features).
+    """
+    from kdcore.objective import stage_pairs
+    from kdcore.train import build_student, needs_features
+
+    stages, count = teacher_stages(study)
+    group = next((g for g in study.groups if "at" in GROUP_TERMS[g] or "fa" in GROUP_TERMS[g]),
+                 study.groups[0])
+    trial = study.trial_config(group, {}, study.seed)
+    student = build_student(trial, data.num_classes, image_shape(data))
+    if not any(t != "ce" for g in study.groups for t in GROUP_TERMS[g]):
+        return ()
+    teacher = build_teacher(study.teacher, data.num_classes, image_shape(data), stages,
+                            count or 3)
+    return stage_pairs(trial, student, teacher) if needs_features(trial) else ()
+
+
+def trial_teacher(study: StudyConfig, config: TrialConfig, state: dict | None,
+                  data: Dataset) -> torch.nn.Module | None:
+    """The frozen teacher of one trial or run, None when its group needs none."""
     if not config.needs_teacher:
         return None
     if state is None:
         raise ValueError(f"teacher: group {config.group!r} needs a teacher, none was given")
-    return frozen_teacher(study, state, num_classes)
+    return frozen_teacher(study, state, data.num_classes, image_shape(data))
 
 
 @dataclass(frozen=True)
@@ -137,7 +173,8 @@ def fetch_shared(inputs: SharedInputs, study: StudyConfig,
         data = ray.get(inputs.data)
         teacher = None
         if inputs.teacher_state is not None:
-            teacher = frozen_teacher(study, ray.get(inputs.teacher_state), data.num_classes)
+            teacher = frozen_teacher(study, ray.get(inputs.teacher_state), data.num_classes,
+                                     image_shape(data))
         _FETCHED.update(key=key, data=data, teacher=teacher, fetches=0)
     _FETCHED["fetches"] += 1
     return _FETCHED["data"], _FETCHED["teacher"]

@@ -11,15 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcore.config import GROUPS, TEACHERS, TeacherConfig, TrialConfig, check, is_int, is_number
-from kdcore.names import ARCHITECTURE_NAMES
+from kdcore.config import (
+    GROUPS,
+    TEACHERS,
+    TeacherConfig,
+    TrialConfig,
+    check,
+    check_model,
+    is_int,
+    is_number,
+)
 from search.store import files as fsutil
 from search.store.files import check_study_name
 
 from .space import DEFAULT_SPACE, PARAMS, ParamRange, group_params, space_from, validate_range
 
 TEACHER_FIELDS = ("arch", "width", "cbam", "epochs", "batch_size", "lr", "lr_schedule",
-                  "patience", "seed")
+                  "patience", "seed", "checkpoint", "stages")
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,10 @@ class StudyConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     stem: str = "cifar"
     stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    student_stages: tuple[str, ...] = ()
+    image_size: int | None = None  # resize every image once at load to N x N
+    mean: tuple[float, ...] | None = None  # normalisation; None: the training split's
+    std: tuple[float, ...] | None = None
     batch_size: int = 64
     lr: float = 0.01
     momentum: float = 0.9
@@ -67,7 +79,11 @@ class StudyConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "groups", tuple(self.groups))
-        set_(self, "stages", tuple(self.stages))
+        for name in ("stages", "student_stages"):
+            set_(self, name, tuple(self.stages if name == "stages" else self.student_stages))
+        for name in ("mean", "std"):
+            if isinstance(getattr(self, name), list):
+                set_(self, name, tuple(getattr(self, name)))
         # The teacher shares the study's stem and trains on the study's device and precision.
         set_(self, "teacher", dataclasses.replace(self.teacher, stem=self.stem, device=self.device,
                                                   precision=self.precision))
@@ -84,7 +100,8 @@ class StudyConfig:
             group, student=self.student, student_width=self.student_width,
             student_cbam=self.student_cbam, teacher=self.teacher.arch,
             teacher_width=self.teacher.width, teacher_cbam=self.teacher.cbam, stem=self.stem,
-            stages=self.stages, lr=self.lr, momentum=self.momentum,
+            stages=self.stages, student_stages=self.student_stages,
+            teacher_stages=self.teacher.stages, lr=self.lr, momentum=self.momentum,
             weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
             epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience,
             mask_target=self.mask_target, seed=seed, device=self.device,
@@ -103,7 +120,8 @@ class StudyConfig:
         from kdcore.data import load_data
 
         return load_data(self.data, val_size=self.val_size, train_per_class=self.train_per_class,
-                         test_per_class=self.test_per_class)
+                         test_per_class=self.test_per_class, image_size=self.image_size,
+                         mean=self.mean, std=self.std)
 
     # -- locations ---------------------------------------------------------------------------
 
@@ -128,8 +146,10 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["groups"] = list(self.groups)
-        d["stages"] = list(self.stages)
+        for name in ("stages", "student_stages", "mean", "std"):
+            d[name] = None if d[name] is None else list(d[name])
         d["teacher"] = {k: getattr(self.teacher, k) for k in TEACHER_FIELDS}
+        d["teacher"]["stages"] = list(self.teacher.stages)
         d["space"] = {p: r.to_dict() for p, r in self.space.items()}
         return d
 
@@ -147,7 +167,7 @@ class StudyConfig:
             d["space"] = space_from(d["space"])
         if isinstance(d.get("groups"), str):
             d["groups"] = GROUPS if d["groups"] == "all" else (d["groups"],)
-        for name in ("groups", "stages"):
+        for name in ("groups", "stages", "student_stages"):
             if name in d and not isinstance(d[name], list | tuple):
                 raise ValueError(f"{name}: expected a list, got {d[name]!r}")
         for f in dataclasses.fields(cls):
@@ -164,6 +184,8 @@ def _teacher_from(raw: object) -> TeacherConfig:
     check(not unknown, f"teacher.{sorted(unknown)[0] if unknown else ''}",
            f"unknown teacher key (expected one of {list(TEACHER_FIELDS)})")
     values = {k: (float(v) if k in ("width", "lr") and is_int(v) else v) for k, v in raw.items()}
+    check(not isinstance(values.get("stages", ()), str), "teacher.stages",
+          f"expected a list, got {values.get('stages')!r}")
     return TeacherConfig(**values)
 
 
@@ -200,14 +222,22 @@ def _validate(c: StudyConfig) -> None:
     for name, r in c.space.items():
         validate_range(name, r)
     t = c.teacher
-    check(t.arch in ARCHITECTURE_NAMES, "teacher.arch", f"unknown architecture {t.arch!r}")
-    check(is_number(t.width) and t.width > 0, "teacher.width", f"must be > 0, got {t.width!r}")
-    check(isinstance(t.cbam, bool), "teacher.cbam", f"must be true or false, got {t.cbam!r}")
+    check_model("teacher.arch", t.arch, t.width, t.cbam)
+    check_model("student", c.student, c.student_width, c.student_cbam)
+    check(t.checkpoint is None or (isinstance(t.checkpoint, str) and t.checkpoint != ""),
+          "teacher.checkpoint", f"must be a path or URI, got {t.checkpoint!r}")
+    check(c.image_size is None or (is_int(c.image_size) and c.image_size >= 8), "image_size",
+          f"must be an integer >= 8, got {c.image_size!r}")
+    check((c.mean is None) == (c.std is None), "mean", "mean and std go together: set both")
+    for name in ("mean", "std"):
+        v = getattr(c, name)
+        check(v is None or (len(v) == 3 and all(is_number(x) for x in v)), name,
+              f"must be 3 numbers (one per channel, images scaled to [0, 1]), got {v!r}")
+    check(c.std is None or all(x > 0 for x in c.std), "std", f"must be > 0, got {c.std!r}")
     for name in ("epochs", "batch_size"):
         v = getattr(t, name)
         check(is_int(v) and v > 0, f"teacher.{name}", f"must be an integer > 0, got {v!r}")
     check(is_number(t.lr) and t.lr > 0, "teacher.lr", f"must be > 0, got {t.lr!r}")
-    check(isinstance(c.student_cbam, bool), "student_cbam", "must be true or false")
     # Everything else is checked where it is used: by TrialConfig, at both ends of the space.
     for group in c.groups:
         for end in ("low", "high"):
