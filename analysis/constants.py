@@ -52,8 +52,24 @@ def paper_numbers(config: Mapping[str, Any]) -> Mapping[str, float] | None:
     """:data:`PAPER_ACC` for a CIFAR-10 study (:func:`is_cifar10`), else None (no column)."""
     return PAPER_ACC if is_cifar10(config) else None
 
-PARAMS: tuple[str, ...] = ("T", "w_ce", "w_kl", "w_at", "w_fa", "mask_pct")
-"""Searchable hyperparameters; the tables store each as ``cfg_<param>``."""
+LOSS_PARAMS: tuple[str, ...] = ("T", "w_ce", "w_kl", "w_at", "w_fa", "mask_pct")
+"""The distillation settings each group tunes by default (those of its terms)."""
+
+TRAINING_PARAMS: tuple[str, ...] = ("lr", "weight_decay", "momentum", "batch_size",
+                                    "lr_schedule", "mask_target")
+"""Training settings that may vary per trial: tuned by a group when its space names them."""
+
+PARAMS: tuple[str, ...] = LOSS_PARAMS + TRAINING_PARAMS
+"""Searchable hyperparameters; the tables store each as ``cfg_<param>``, the value a trial
+trained with (tuned or not)."""
+
+INT_PARAMS: tuple[str, ...] = ("batch_size",)
+CATEGORICAL_PARAMS: dict[str, tuple[str, ...]] = {
+    "lr_schedule": ("constant", "cosine"),
+    "mask_target": ("label", "prediction"),
+}
+"""Parameters of integer and of categorical values (their allowed choices); the rest are
+floats."""
 
 TERMS: tuple[str, ...] = ("ce", "kl", "at", "fa")
 """Loss terms; each has a weight ``cfg_w_<term>`` and a gradient share ``gshare_<term>``."""
@@ -65,6 +81,25 @@ CFG_COLUMNS: list[str] = [f"cfg_{p}" for p in PARAMS]
 
 _F, _INT, _S = pa.float64(), pa.int64(), pa.string()
 
+
+def cfg_type(column: str) -> pa.DataType:
+    """The stored type of a ``cfg_*`` column: int64, string (categorical) or float64."""
+    param = column[len("cfg_"):]
+    return _INT if param in INT_PARAMS else _S if param in CATEGORICAL_PARAMS else _F
+
+
+_CFG = [(c, cfg_type(c)) for c in CFG_COLUMNS]
+
+
+def group_ranges(config: Mapping[str, Any], group: str) -> dict[str, Mapping[str, Any]]:
+    """One group's search ranges from a ``study.json``: its ``group_spaces`` entry (written
+    by ``tune``), else the shared ``space`` (studies stored before per-group ranges; a
+    parameter a group did not tune has one value in its trials, which callers skip)."""
+    spaces = config.get("group_spaces") or {}
+    if group in spaces:
+        return dict(spaces[group])
+    return {p: spec for p, spec in (config.get("space") or {}).items() if p in PARAMS}
+
 PARTITION: pa.Schema = pa.schema([("group", _S)])
 """The hive partition key: a table's files live under ``<table>/group=<g>/`` and do not
 store ``group`` themselves (a column that is also the partition key breaks other readers)."""
@@ -72,7 +107,7 @@ store ``group`` themselves (a column that is also the partition key breaks other
 SCHEMAS: dict[str, pa.Schema] = {
     "epochs": pa.schema(
         [("study", _S), ("trial_id", _S), ("attempt", _INT), ("epoch", _INT), ("seed", _INT)]
-        + [(c, _F) for c in CFG_COLUMNS]
+        + _CFG
         + [("val_acc", _F), ("val_loss", _F), ("train_loss", _F)]
         + [(f"loss_{t}", _F) for t in TERMS] + [(f"gshare_{t}", _F) for t in TERMS]
         + [("lr", _F), ("epoch_seconds", _F), ("images_per_s", _F), ("node", _S),
@@ -81,12 +116,12 @@ SCHEMAS: dict[str, pa.Schema] = {
     "trials": pa.schema(
         [("study", _S), ("trial_id", _S), ("status", _S), ("epochs_run", _INT),
          ("best_val_acc", _F), ("best_epoch", _INT), ("wall_seconds", _F), ("seed", _INT)]
-        + [(c, _F) for c in CFG_COLUMNS] + [("error", _S), ("timestamp", _F)]
+        + _CFG + [("error", _S), ("proposer", _S), ("timestamp", _F)]
     ),
     "runs": pa.schema(
         [("study", _S), ("seed", _INT), ("source_trial_id", _S), ("test_acc", _F),
          ("test_loss", _F), ("corrupt_acc_mean", _F), ("params", _INT), ("latency_ms_bs1", _F),
-         ("images_per_s_bs256", _F)] + [(c, _F) for c in CFG_COLUMNS]
+         ("images_per_s_bs256", _F)] + _CFG
         + [("best_val_acc", _F), ("best_epoch", _INT), ("epochs_run", _INT),
            ("train_seconds", _F), ("node", _S), ("timestamp", _F)]
     ),

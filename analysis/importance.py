@@ -18,8 +18,15 @@ group; 8 levels still allow 256 leaves per tree over at most six parameters)."""
 
 
 def distribution(spec: Mapping[str, Any], values: pd.Series):
-    """The search-space distribution (an optuna ``FloatDistribution``) of one parameter."""
-    from optuna.distributions import FloatDistribution
+    """The search-space distribution of one parameter: optuna's ``CategoricalDistribution``
+    for a range of ``choices`` (widened by any value observed outside them), else a
+    ``FloatDistribution``."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    if "choices" in spec:
+        choices = list(spec["choices"])
+        return CategoricalDistribution(choices + [v for v in plain(values.unique())
+                                                  if v not in choices])
 
     # widened to cover observed values
     observed_low, observed_high = float(values.min()), float(values.max())
@@ -39,6 +46,11 @@ def distribution(spec: Mapping[str, Any], values: pd.Series):
     return FloatDistribution(low, high, log=log, step=step)
 
 
+def plain(values) -> list:
+    """numpy scalars as Python values (what optuna's distributions compare against)."""
+    return [v.item() if hasattr(v, "item") else v for v in values]
+
+
 def group_importance(sub: pd.DataFrame, space: Mapping[str, Any], seed: int) -> dict[str, float]:
     """fANOVA importances of the parameters that vary among one group's trials."""
     params = [
@@ -50,11 +62,13 @@ def group_importance(sub: pd.DataFrame, space: Mapping[str, Any], seed: int) -> 
     import optuna  # imported here: reading tables must work where optuna is absent
     from optuna.importance import FanovaImportanceEvaluator
 
-    dists = {p: distribution(space[p] or {}, sub[f"cfg_{p}"].astype(float)) for p in params}
+    dists = {p: distribution(space[p] or {}, sub[f"cfg_{p}"] if "choices" in (space[p] or {})
+                             else sub[f"cfg_{p}"].astype(float)) for p in params}
     study = optuna.create_study(direction="maximize")
     study.add_trials([
         optuna.trial.create_trial(
-            params={p: float(row[f"cfg_{p}"]) for p in params},
+            params={p: (plain([row[f"cfg_{p}"]])[0] if "choices" in (space[p] or {})
+                        else float(row[f"cfg_{p}"])) for p in params},
             distributions=dists,
             value=float(row["best_val_acc"]),
         )
@@ -65,15 +79,20 @@ def group_importance(sub: pd.DataFrame, space: Mapping[str, Any], seed: int) -> 
 
 
 def param_importance(
-    trials: pd.DataFrame, space: Mapping[str, Any], seed: int = 0
+    trials: pd.DataFrame, space: Mapping[str, Any], seed: int = 0,
+    group_spaces: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """Rows (group, param, importance); importances of a group sum to 1.
+
+    ``space`` maps each parameter to its range; ``group_spaces`` (``study.json``'s, where
+    ranges differ per group) replaces it for the groups it names.
 
     Uses completed, ASHA-stopped and early-stopped trials with their ``best_val_acc``;
     groups with fewer than three such trials or no varying parameter are skipped.
     """
     columns = ["group", "param", "importance"]
-    if trials.empty or not space or not {"group", "best_val_acc"} <= set(trials.columns):
+    if trials.empty or not (space or group_spaces) or not {"group", "best_val_acc"} <= set(
+            trials.columns):
         return pd.DataFrame(columns=columns)
     usable = trials[trials["best_val_acc"].notna()]
     if "status" in usable:
@@ -85,7 +104,8 @@ def param_importance(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         for group in ordered_groups(usable["group"]):
-            found = group_importance(usable[usable["group"] == group], space, seed)
+            ranges = (group_spaces or {}).get(group, space)
+            found = group_importance(usable[usable["group"] == group], ranges, seed)
             rows += [{"group": group, "param": p, "importance": float(v)}
                      for p, v in found.items() if not math.isnan(v)]
     finally:

@@ -12,6 +12,7 @@ import pandas as pd
 from analysis.constants import (
     CFG_COLUMNS,
     SPEED_FILE,
+    TRAINING_PARAMS,
     USABLE_STATUSES,
     describe_arch,
     ordered_groups,
@@ -30,6 +31,8 @@ from analysis.stats import (
     group_outcomes,
     health_check,
     paired_tests,
+    proposal_counts,
+    proposal_words,
     range_positions,
     share_by_weight,
     teacher_gap,
@@ -264,12 +267,17 @@ def budget_words(max_epochs: object) -> str:
     return f"the study's full budget of {max_epochs} epochs (`max_epochs`)"
 
 
-def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
+def best_section(outcomes: pd.DataFrame, max_epochs: object,
+                 trials: pd.DataFrame | None = None) -> list[str]:
     """Best trial per group, selected on validation accuracy; every group has a row."""
     lines = ["## Best configuration per group", ""]
     if outcomes.empty:
         return [*lines, "No trials recorded.", ""]
-    shown = outcomes.drop(columns=[c for c in CFG_COLUMNS if outcomes[c].isna().all()])
+    # A training setting no trial varied is the study's own setting: not shown.
+    trials = outcomes if trials is None or trials.empty else trials
+    constant = [f"cfg_{p}" for p in TRAINING_PARAMS if trials[f"cfg_{p}"].nunique() <= 1]
+    shown = outcomes.drop(columns=[c for c in CFG_COLUMNS
+                                   if outcomes[c].isna().all() or c in constant])
     shown = shown.assign(best_val_acc=pd.to_numeric(shown["best_val_acc"]) * 100)
     lines += [
         f"Selected on validation accuracy (percent) among each group's full-budget trials: "
@@ -277,7 +285,8 @@ def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
         "patience (`early_stopped`). Early stopping is part of the training protocol, so an "
         "early-stopped trial's best validation accuracy is the outcome of the full protocol "
         "for its configuration, exactly what `kdsearch reproduce` runs; a trial cut short by "
-        "ASHA never counts, and no test metric is used. `basis` says where a row comes from: "
+        "the trial scheduler (`asha_stopped`) never counts, and no test metric is used. "
+        "`basis` says where a row comes from: "
         f"`{FULL}`; `{LONGEST}`: the group has no full-budget trial, so the best of its "
         "longest-running trials is shown for information only — not a tuned result, and "
         f"`kdsearch reproduce` does not use it; `{NONE}`: every trial failed or diverged "
@@ -300,6 +309,27 @@ def best_section(outcomes: pd.DataFrame, max_epochs: object) -> list[str]:
     return [*lines, ""]
 
 
+def proposals_lines(trials: pd.DataFrame, config: Mapping[str, Any]) -> list[str]:
+    """Who proposed each group's trials (the ``proposer`` column), under the best
+    configurations; a group whose every proposal was a startup draw is called a random
+    search."""
+    counts = proposal_counts(trials)
+    if not counts:
+        return []
+    sampler, n_startup = config.get("sampler", "tpe"), config.get("n_startup", 10)
+    lines = ["Proposals per group (`proposer` in the `trials` table): `random` is a random "
+             "draw (a startup trial of `tpe`, `gp` or `cmaes`, or the `random` sampler), "
+             "`warm start` an earlier study's best configuration, any other name the "
+             f"sampler's own proposal. This study's sampler: `{sampler}`.", ""]
+    for group, made in counts.items():
+        line = f"- `{group}`: {proposal_words(made)}"
+        if set(made) == {"random"} and sampler in ("tpe", "gp", "cmaes"):
+            line += (f"; every proposal was one of the {n_startup} random startup draws "
+                     f"(`n_startup`), so this group's search was a random search")
+        lines.append(line)
+    return [*lines, ""]
+
+
 def fmt_count(value: object) -> str:
     """An integer count that may be missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -308,10 +338,12 @@ def fmt_count(value: object) -> str:
 
 
 def importance_section(trials: pd.DataFrame, space: Mapping[str, object],
-                       groups: list[str]) -> list[str]:
+                       groups: list[str],
+                       group_spaces: Mapping[str, Mapping[str, object]] | None = None,
+                       ) -> list[str]:
     """fANOVA importance per group; groups without one are named."""
     lines = ["## Hyperparameter importance", ""]
-    found = param_importance(trials, space)
+    found = param_importance(trials, space, group_spaces=group_spaces)
     missing = [g for g in groups if g not in set(found["group"])]
     if missing:
         note = (f"Not computed for {', '.join(f'`{g}`' for g in missing)}: fewer than "
@@ -350,7 +382,7 @@ def ranges_section(study: Study) -> list[str]:
     shares = share_by_weight(study.epochs)
     space = study.config.get("space") or {}
     positions = range_positions(best_configs(study.trials, study.config.get("max_epochs")),
-                                study.trials, space)
+                                study.trials, space, study.config.get("group_spaces"))
     if shares.empty and positions.empty:
         return []
     lines = ["## Search ranges", ""]
@@ -466,8 +498,10 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     speed = read_speed(study_dir)
     if speed or study.teacher or not study.runs.empty:
         lines += speed_section(speed, config, study.teacher, study.runs)
-    lines += best_section(outcomes, config.get("max_epochs"))
-    lines += importance_section(study.trials, config.get("space") or {}, groups)
+    lines += best_section(outcomes, config.get("max_epochs"), study.trials)
+    lines += proposals_lines(study.trials, config)
+    lines += importance_section(study.trials, config.get("space") or {}, groups,
+                                config.get("group_spaces"))
     lines += health_section(study.epochs, groups)
     lines += ranges_section(study)
     lines += status_section(study.trials, outcomes)

@@ -369,7 +369,9 @@ def share_by_weight(epochs: pd.DataFrame) -> pd.DataFrame:
 
 
 def range_positions(best: pd.DataFrame, trials: pd.DataFrame,
-                    space: Mapping[str, Mapping[str, object]]) -> pd.DataFrame:
+                    space: Mapping[str, Mapping[str, object]],
+                    group_spaces: Mapping[str, Mapping[str, Mapping[str, object]]] | None = None,
+                    ) -> pd.DataFrame:
     """Where each group's best value of each tuned parameter sits in its search range.
 
     A parameter is tuned in a group when its value varies over the group's trials.
@@ -381,10 +383,10 @@ def range_positions(best: pd.DataFrame, trials: pd.DataFrame,
     rows = []
     for row in best.to_dict("records"):
         mine = trials[trials["group"] == row["group"]]
-        for param, spec in space.items():
+        for param, spec in (group_spaces or {}).get(row["group"], space).items():
             column = f"cfg_{param}"
-            if column not in mine or pd.to_numeric(mine[column]).nunique() < 2:
-                continue
+            if "choices" in spec or column not in mine or mine[column].nunique() < 2:
+                continue  # a categorical range has no edges
             value, low, high = (float(v) for v in (row[column], spec["low"], spec["high"]))
             scale = math.log if spec.get("log") else float
             position = (scale(value) - scale(low)) / (scale(high) - scale(low))
@@ -392,3 +394,27 @@ def range_positions(best: pd.DataFrame, trials: pd.DataFrame,
             rows.append({"group": row["group"], "param": param, "value": value, "low": low,
                          "high": high, "position": position, "edge": edge})
     return pd.DataFrame(rows, columns=columns)
+
+
+PROPOSERS: tuple[str, ...] = ("warm start", "random", "tpe", "qmc", "cmaes", "gp")
+"""Who may propose a trial (the ``trials`` table's ``proposer``), in the order shown."""
+
+
+def proposal_counts(trials: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per group, how many of its trials each proposer made (``random``: a random startup
+    draw or the random sampler; ``warm start``: an earlier study's best). Groups without a
+    recorded proposer (the baseline's seeds, tables written before the column) are left out."""
+    if trials.empty or "proposer" not in trials:
+        return {}
+    known = trials[trials["proposer"].notna() & (trials["proposer"].astype(str) != "")]
+    out = {}
+    for group in ordered_groups(known["group"]):
+        counts = known.loc[known["group"] == group, "proposer"].astype(str).value_counts()
+        order = [p for p in PROPOSERS if p in counts] + sorted(set(counts.index) - set(PROPOSERS))
+        out[group] = {p: int(counts[p]) for p in order}
+    return out
+
+
+def proposal_words(counts: Mapping[str, int]) -> str:
+    """``2 random, 6 tpe``."""
+    return ", ".join(f"{n} {p}" for p, n in counts.items())

@@ -37,3 +37,24 @@ def test_ray_still_has_the_auth_mode_reload():
     from ray._raylet import Config
 
     assert callable(Config.initialize)
+
+
+def test_restoring_trainable_swaps_the_checkpoint_before_tunes_restore(monkeypatch):
+    """The class ``restoring_trainable`` builds hands Tune's ``restore`` the checkpoint that
+    ``usable`` gives, and restores nothing where ``usable`` finds none."""
+    from ray.train._internal.session import _TrainingResult
+
+    seen = []
+    cls = private_api.restoring_trainable(lambda config: None,
+                                          lambda c: None if c.path == "/gone/all" else
+                                          tune.Checkpoint("/kept/checkpoint_000004"))
+    base = cls.__mro__[1]
+    monkeypatch.setattr(base, "restore", lambda self, arg: seen.append(arg))
+    trainable = object.__new__(cls)  # no actor: only the method is under test
+    trainable.restore(_TrainingResult(checkpoint=tune.Checkpoint("/gone/checkpoint_000001"),
+                                      metrics={"training_iteration": 2}))
+    assert seen[0].checkpoint.path == "/kept/checkpoint_000004"
+    assert seen[0].metrics == {"training_iteration": 2}
+    assert trainable.restore(_TrainingResult(checkpoint=tune.Checkpoint("/gone/all"),
+                                             metrics={})) is None and len(seen) == 1
+    assert cls.__name__ == "<lambda>" and issubclass(cls, tune.Trainable)

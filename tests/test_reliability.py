@@ -505,7 +505,7 @@ BAD_INPUT = [
     ("tune-teacher-corrupt", "tune --config {t_corrupt} --storage {S}",
      "cannot read teacher checkpoint", True),
     ("teacher-wrongarch", "tune --config {t_wrongarch} --storage {S}",
-     "does not match architecture", False),
+     "does not fit resnet50 (width 0.125, cbam True, stem cifar): missing keys", False),
     ("teacher-pickled", "teacher --config {t_pickled} --storage {S}",
      "cannot read teacher checkpoint", False),
     # a damaged Parquet part: analyze names the file

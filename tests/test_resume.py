@@ -64,8 +64,9 @@ def test_errored_trial_rerun_by_resume_is_superseded_in_optuna(searcher):
     restored.on_trial_complete("t1", _result(2, 0.50))
     old, new = optuna.load_study(study_name="kd", storage=url).trials
     assert old.state == State.FAIL and new.state == State.COMPLETE and new.value == 0.50
-    assert new.params == {k: v for k, v in params.items() if k != "group"}
-    assert new.user_attrs == {"trial_id": "t1", "status": "completed", "supersedes": 0}
+    assert new.params == {k: v for k, v in params.items() if k not in ("group", "proposer")}
+    assert new.user_attrs == {"trial_id": "t1", "status": "completed", "supersedes": 0,
+                              "proposer": "random"}
     assert new.intermediate_values == {1: 0.30, 2: 0.50}
     assert latest_outcomes(config, url)["t1"].number == 1
 
@@ -93,7 +94,7 @@ def test_restored_trial_continues_from_the_newest_checkpoint_left(tmp_path):
     import pyarrow.fs as pafs
     from ray import tune
 
-    from search.engine.trainable import STATE_FILE, _usable_checkpoint
+    from search.engine.trainable import STATE_FILE, usable_checkpoint
 
     trial = tmp_path / "trial_x"
     for name in ("checkpoint_000003", "checkpoint_000004"):
@@ -102,11 +103,68 @@ def test_restored_trial_continues_from_the_newest_checkpoint_left(tmp_path):
     (trial / "checkpoint_000005").mkdir()  # half-written: no state file
     fs = pafs.LocalFileSystem()
     kept = tune.Checkpoint(str(trial / "checkpoint_000003"), filesystem=fs)
-    assert _usable_checkpoint(kept).path == kept.path
+    assert usable_checkpoint(kept).path == kept.path
     gone = tune.Checkpoint(str(trial / "checkpoint_000001"), filesystem=fs)
-    assert _usable_checkpoint(gone).path == str(trial / "checkpoint_000004")
+    assert usable_checkpoint(gone).path == str(trial / "checkpoint_000004")
     alone = tune.Checkpoint(str(tmp_path / "other" / "checkpoint_000001"), filesystem=fs)
-    assert _usable_checkpoint(alone) is None
+    assert usable_checkpoint(alone) is None
+
+
+# A toy trial run by Tune through ``restoring_trainable``: it checkpoints every step and, on
+# its first attempt, deletes its newest checkpoint and fails, so Tune's retry restores from a
+# checkpoint that is gone (what a driver killed before Tune saved its state meets).
+RETRY = """
+import json, shutil, sys, tempfile
+from pathlib import Path
+import ray
+from ray import tune
+from search.engine.private_api import restoring_trainable
+from search.engine.trainable import STATE_FILE, usable_checkpoint
+
+def toy(config):
+    start, attempt = 0, 1
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start, attempt = json.loads((Path(d) / STATE_FILE).read_text())
+            attempt += 1
+    for step in range(start + 1, 5):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / STATE_FILE).write_text(json.dumps([step, attempt]))
+            tune.report({"step": step, "attempt": attempt, "resumed_from": start},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+        if step == 3 and attempt == 1:
+            newest, = Path(config["root"]).glob("retry/*/checkpoint_000002")
+            shutil.rmtree(newest)  # the checkpoint Tune will restore from
+            raise RuntimeError("planted failure")
+
+ray.init(num_cpus=1, include_dashboard=False, logging_level="error")
+trainable = restoring_trainable(toy, usable_checkpoint) if sys.argv[2] == "ours" else toy
+grid = tune.Tuner(trainable, param_space={"root": sys.argv[1]}, run_config=tune.RunConfig(
+    storage_path=sys.argv[1], name="retry", failure_config=tune.FailureConfig(max_failures=1),
+    verbose=0)).fit()
+r = grid[0]
+print("RESULT", json.dumps({"error": r.error is not None, **(r.metrics or {})}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable", ["ours", "plain"])
+def test_a_retry_from_a_deleted_checkpoint_continues_from_the_newest_left(tmp_path, trainable):
+    import json
+
+    from helpers import env, run
+
+    done = run([sys.executable, "-c", RETRY, str(tmp_path / "ray"), trainable], 300, env=env())
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    if trainable == "plain":  # Tune alone refuses the gone checkpoint: the trial fails
+        assert result["error"] and "does not exist on storage anymore" in done.stderr
+        return
+    # checkpoint_000002 (step 3) is gone: the retry continues from checkpoint_000001 (step 2)
+    assert not result["error"], done.stderr[-3000:]
+    assert (result["step"], result["attempt"], result["resumed_from"]) == (4, 2, 2)
 
 
 def test_a_checkpoint_already_deleted_is_one_line(caplog):

@@ -98,7 +98,9 @@ def run_real(args) -> dict:
 def _sample(config: StudyConfig, group: str, rng: random.Random) -> dict[str, float]:
     params = {}
     for name, r in config.group_space(group).items():
-        if r.log:
+        if r.categorical:
+            value = rng.choice(r.choices)
+        elif r.log:
             value = math.exp(rng.uniform(math.log(r.low), math.log(r.high)))
         elif r.step:
             value = r.low + r.step * rng.randint(0, int(round((r.high - r.low) / r.step)))

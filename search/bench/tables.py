@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from analysis.constants import CFG_COLUMNS, GROUPS, TERMS
+import pyarrow as pa
+
+from analysis.constants import CFG_COLUMNS, GROUPS, TERMS, cfg_type
 from search.store.rows import epoch_row
 from search.store.rows import trial_row as table_trial_row
 from search.store.sink import ParquetSink
@@ -149,7 +151,8 @@ def reproduce_rows(sink: ParquetSink, study: str, group: str, rng: random.Random
             "study": study, "seed": seed, "source_trial_id": f"{group}_00000", "test_acc": acc,
             "test_loss": 1 - acc, "corrupt_acc_mean": acc - 0.2, "params": 11_000_000,
             "latency_ms_bs1": 3.0, "images_per_s_bs256": 9000.0,
-            **{c: 1.0 for c in CFG_COLUMNS}, "best_val_acc": acc, "best_epoch": 20,
+            **{c: 1.0 for c in CFG_COLUMNS if cfg_type(c) == pa.float64()},
+            "best_val_acc": acc, "best_epoch": 20,
             "epochs_run": MAX_EPOCHS, "train_seconds": 900.0, "node": "10.0.0.1",
             "timestamp": now}])
         sink.append("robustness", group, [

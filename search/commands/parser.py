@@ -74,6 +74,52 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="training device in each trial (cpu, cuda)")
 
 
+LOG_CHOICES = ("tensorboard", "mlflow")  # search.engine.tracking.LOGS (no Ray import here)
+
+
+def _log_kinds(text: str) -> list[str]:
+    """``--log`` value: one tracker or several, comma-separated."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in LOG_CHOICES]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown tracker {(bad or [text])[0]!r} (choose from {', '.join(LOG_CHOICES)})")
+    return kinds
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    """Experiment tracking of the search (tune, run): runtime options, not study settings."""
+    p.add_argument("--log", type=_log_kinds, action="extend", default=None,
+                   metavar="{tensorboard,mlflow}",
+                   help="log every trial's epochs to TensorBoard (event files in each trial's "
+                   "directory under <study>/ray) and/or MLflow (one run per trial); "
+                   "repeatable or comma-separated")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (implies --log mlflow; default: SQLite "
+                   "<storage>/<study>/mlflow/mlflow.db, a local cache folder for URI storage)")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    """Study settings of the search itself (tune, run): sampler, trial scheduler, budget,
+    warm start (docs/SEARCH.md, "Samplers and trial schedulers")."""
+    p.add_argument("--sampler", default=None,
+                   help="Optuna sampler per group: tpe (default), random, qmc (scrambled "
+                   "Sobol), cmaes or gp")
+    p.add_argument("--n-startup", type=int, default=None, metavar="N",
+                   help="random startup trials per group of tpe, gp and cmaes (default: "
+                   "min(10, max(2, samples // 4)))")
+    p.add_argument("--trial-scheduler", default=None,
+                   help="early stopping per group: asha (default), hyperband (asynchronous, "
+                   "several brackets), median (median stopping rule) or none")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="no trial starts after this much search time, e.g. 2h, 90m, 45s or "
+                   "seconds (running trials finish; a --resume does not count the downtime)")
+    p.add_argument("--warm-start", default=None, metavar="STUDY",
+                   help="first propose each group's best configurations of an earlier study")
+    p.add_argument("--warm-start-storage", default=None, metavar="PATH",
+                   help="storage of the --warm-start study (default: --storage)")
+
+
 def _train(sub) -> None:
     p = sub.add_parser("train", help="train one trial from a config (no Ray)")
     _common(p)
@@ -104,6 +150,8 @@ def _tune(sub) -> None:
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="Optuna RDB storage URL, e.g. postgresql://... (default: SQLite "
                    "<storage>/<study>/optuna.db)")
+    _search_args(p)
+    _tracking_args(p)
 
 
 def _reproduce(sub) -> None:
@@ -134,6 +182,8 @@ def _run(sub) -> None:
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="Optuna RDB storage URL (default: SQLite <storage>/<study>/optuna.db)")
+    _search_args(p)
+    _tracking_args(p)
 
 
 def _bench(sub) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from search.commands.tune import print_summary, run_tune
+from search.commands.tune import print_summary, run_tune, tracking_from_args
 from search.engine.reproduce import run_reproduce
 from search.study import StudyConfig, read_study_json, record_if_changed, resolve_study
 
@@ -19,8 +19,10 @@ def _stage(name: str, t_start: float) -> None:
 
 
 def run_pipeline(config: StudyConfig, address: str | None = None,
-                 optuna_storage: str | None = None) -> str:
-    """All four stages for ``config``; returns the path of the written report."""
+                 optuna_storage: str | None = None, callbacks: list | None = None) -> str:
+    """All four stages for ``config``; returns the path of the written report.
+
+    ``callbacks``: more Tune callbacks for the search stage (``--log``)."""
     from analysis import write_report
 
     t0 = time.monotonic()
@@ -30,7 +32,7 @@ def run_pipeline(config: StudyConfig, address: str | None = None,
         t0,
     )
     print_summary(run_tune(config, resume=resume, address=address,
-                           optuna_storage=optuna_storage))
+                           optuna_storage=optuna_storage, callbacks=callbacks))
     _stage("reproduce", t0)
     run_reproduce(config, address)
     _stage("analyze", t0)
@@ -43,7 +45,8 @@ def cmd_run(args) -> int:
     """``kdsearch run``: a stored study continues with the settings given now (more samples
     or seeds grow it; ``study.settle``), else a new one starts."""
     config, stored = resolve_study(args)
+    callbacks = tracking_from_args(config, args)  # before anything runs: a missing mlflow
     if stored is not None:
         record_if_changed(config, stored)
-    run_pipeline(config, args.address, args.optuna_storage)
+    run_pipeline(config, args.address, args.optuna_storage, callbacks)
     return 0

@@ -6,8 +6,9 @@
 - ``diverged``: its last result carries ``diverged=True`` (non-finite loss; see trainable);
 - ``early_stopped``: fit stopped it on a validation-loss plateau (``patience``);
 - ``completed``: it ran ``max_epochs`` epochs;
-- ``asha_stopped``: it ended before ``max_epochs`` for none of those reasons, i.e. ASHA
-  stopped it at a rung;
+- ``asha_stopped``: it ended before ``max_epochs`` for none of those reasons, i.e. the
+  group's trial scheduler stopped it early (ASHA or Hyperband at a rung, or the median
+  stopping rule; the name predates the other schedulers and stays for the tables' sake);
 - ``failed``: it raised an error more often than ``FailureConfig(max_failures)`` allows.
 """
 
@@ -61,7 +62,7 @@ def trial_row(study: StudyConfig, group: str, trial: Any, status: str,
     return rows.trial_row(study.study, group, str(trial.trial_id), status,
                           result.get("epochs_run", 0), result.get("best_val_acc"),
                           result.get("best_epoch", 0), result.get("wall_seconds"), seed, cfg,
-                          error)
+                          error, proposer=(trial.config or {}).get("proposer"))
 
 
 def _error_text(trial: Any) -> str:

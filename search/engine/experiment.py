@@ -1,7 +1,8 @@
 """The search experiment: every group of a study in one Ray Tune experiment, resumable.
 
 One ``Tuner`` runs all groups: ``GroupSearcher`` (one Optuna study per group, in an RDB
-storage) proposes the trials, ``GroupASHA`` (one ASHA per group) stops weak ones, and a
+storage) proposes the trials, ``GroupScheduler`` (one trial scheduler per group: ASHA,
+Hyperband, the median rule or none) stops weak ones, and a
 ``ConcurrencyLimiter`` keeps the number of live trials at the study's slots plus a few
 queued ones, so a finished trial's worker process is handed to a queued trial instead of a
 new process being started (``reuse_actors=True``). The driver's ``SinkCallback`` writes the
@@ -47,28 +48,32 @@ def trial_dirname(trial) -> str:
 
 
 def make_tuner(config: StudyConfig, trainable, slots: int, optuna_url: str,
-               sink: ParquetSink, name: str = EXPERIMENT, started: dict[str, int] | None = None):
+               sink: ParquetSink, name: str = EXPERIMENT, started: dict[str, int] | None = None,
+               callbacks: list | None = None, searched: float = 0.0):
     """One ``Tuner`` for every group of ``config`` (see the module docstring), named ``name``.
 
     ``started``: trials per group that earlier experiments of the study already ran; this one
-    runs the rest up to ``samples``.
+    runs the rest up to ``samples``. ``callbacks``: more Tune callbacks after the sink's
+    (``search.engine.tracking``). ``searched``: seconds those experiments searched (the
+    time budget counts them).
     """
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from search.engine.algorithms import make_scheduler
     from search.engine.callback import SinkCallback
     from search.engine.progress import StudyProgress
-    from search.engine.scheduler import GroupASHA
+    from search.engine.scheduler import GroupScheduler
     from search.engine.searcher import GroupSearcher
 
     started = started or {}
     _, alive = live_trials(config, slots)
-    searcher = ConcurrencyLimiter(GroupSearcher(config, optuna_url, started),
+    searcher = ConcurrencyLimiter(GroupSearcher(config, optuna_url, started, searched),
                                   max_concurrent=alive)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=GroupASHA(config),
+            search_alg=searcher, scheduler=GroupScheduler(config, make_scheduler),
             num_samples=sum(config.samples - started.get(g, 0) for g in config.groups),
             trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
@@ -76,7 +81,7 @@ def make_tuner(config: StudyConfig, trainable, slots: int, optuna_url: str,
             storage_path=fsutil.join(config.study_dir, RAY_DIR),
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[SinkCallback(config, sink)],
+            callbacks=[SinkCallback(config, sink), *(callbacks or [])],
             progress_reporter=StudyProgress(config, slots, before=started),
             verbose=1,
         ),
@@ -86,9 +91,11 @@ def make_tuner(config: StudyConfig, trainable, slots: int, optuna_url: str,
 
 
 # A study's search is one Tune experiment, ``search``; a search that grew (more ``samples``
-# on a stored study) continues in one more experiment per growth, ``search-<samples>``, with
-# the same Optuna studies. ``<name>.plan.json`` records how many trials an experiment was
-# started for, ``<name>.done.json`` that it finished.
+# on a stored study, or a longer ``time_budget``) continues in one more experiment per
+# growth, ``search-<samples>`` (``-2``, ``-3`` … when that name is taken), with the same
+# Optuna studies. ``<name>.plan.json`` records how many trials an experiment was started
+# for, ``<name>.done.json`` that it finished, with the study's search seconds by then
+# (``search_seconds``) and whether its time budget ended it (``budget_reached``).
 
 
 def _marker(config: StudyConfig, name: str, kind: str) -> str:
@@ -104,9 +111,8 @@ def _write_marker(config: StudyConfig, name: str, kind: str, doc: dict) -> None:
     fsutil.write_bytes(_marker(config, name, kind), json.dumps(doc).encode())
 
 
-def unfinished_experiment(config: StudyConfig) -> str | None:
-    """The experiment a ``--resume`` continues: one that was started (its folder or its plan
-    exists) and never finished; None when every started one finished."""
+def experiment_names(config: StudyConfig) -> list[str]:
+    """``search`` and every experiment a growth planned (``search-*.plan.json``)."""
     names = [EXPERIMENT]
     fs, root = fsutil.resolve(fsutil.join(config.study_dir, RAY_DIR))
     import pyarrow.fs as pafs
@@ -116,12 +122,41 @@ def unfinished_experiment(config: StudyConfig) -> str | None:
             base = info.base_name
             if base.startswith(f"{EXPERIMENT}-") and base.endswith(".plan.json"):
                 names.append(base[: -len(".plan.json")])
-    for name in names:
-        started = (_read_marker(config, name, "plan") is not None
-                   or fsutil.exists(fsutil.join(config.study_dir, RAY_DIR, name)))
-        if started and _read_marker(config, name, "done") is None:
+    return names
+
+
+def _started(config: StudyConfig, name: str) -> bool:
+    return (_read_marker(config, name, "plan") is not None
+            or fsutil.exists(fsutil.join(config.study_dir, RAY_DIR, name)))
+
+
+def unfinished_experiment(config: StudyConfig) -> str | None:
+    """The experiment a ``--resume`` continues: one that was started (its folder or its plan
+    exists) and never finished; None when every started one finished."""
+    for name in experiment_names(config):
+        if _started(config, name) and _read_marker(config, name, "done") is None:
             return name
     return None
+
+
+def searched_seconds(config: StudyConfig) -> float:
+    """Seconds the study's finished experiments searched (what its time budget counts)."""
+    done = [_read_marker(config, n, "done") or {} for n in experiment_names(config)]
+    return max((float(d.get("search_seconds", 0.0)) for d in done), default=0.0)
+
+
+def budget_spent(config: StudyConfig) -> bool:
+    """Whether the study has a time budget and its finished experiments used it up."""
+    return config.time_budget is not None and searched_seconds(config) >= config.time_budget
+
+
+def _new_name(config: StudyConfig, counts: dict[str, int]) -> str:
+    """The next experiment's name: ``search`` first, then ``search-<samples>[-k]``; the
+    first not done (one started whose state was never saved is started again)."""
+    names = [] if any(counts.values()) else [EXPERIMENT]
+    names += [f"{EXPERIMENT}-{config.samples}"] + [
+        f"{EXPERIMENT}-{config.samples}-{k}" for k in range(2, 1000)]
+    return next(n for n in names if _read_marker(config, n, "done") is None)
 
 
 def trials_per_group(config: StudyConfig) -> dict[str, int]:
@@ -154,12 +189,16 @@ def _fit(config: StudyConfig, tuner, name: str) -> int:
     """Run ``tuner`` to the end and mark experiment ``name`` done (or raise
     KeyboardInterrupt); returns how many worker processes ran its trials."""
     results = tuner.fit()
+    searcher = _group_searcher(tuner)
+    clock = {} if searcher is None else {"search_seconds": searcher.search_seconds(),
+                                         "budget_reached": searcher.budget_reached}
     planned = (_read_marker(config, name, "plan") or {}).get("trials", len(results))
-    if len(results) < planned or results.num_terminated + results.num_errors < len(results):
+    short = len(results) < planned and not clock.get("budget_reached")
+    if short or results.num_terminated + results.num_errors < len(results):
         raise KeyboardInterrupt("search interrupted; continue with --resume")
     _write_marker(config, name, "done", {
         "groups": list(config.groups), "trials": len(results), "errors": results.num_errors,
-        "finished_at": time.time()})
+        "finished_at": time.time(), **clock})
     pids = [r.metrics.get("pid") for r in results if r.metrics]
     return len({p for p in pids if p is not None})
 
@@ -195,26 +234,37 @@ def repoint(tuner, config: StudyConfig, sink: ParquetSink, optuna_url: str) -> N
     now: its sink, its settings, its Optuna storage (a study that moved keeps working)."""
     from search.engine.callback import SinkCallback
     from search.engine.private_api import restored_parts
-    from search.engine.searcher import GroupSearcher
 
-    callbacks, search_alg = restored_parts(tuner)
+    callbacks, _ = restored_parts(tuner)
     for cb in callbacks:
         if isinstance(cb, SinkCallback):
             cb.sink, cb.study = sink, config
-    searcher = getattr(search_alg, "searcher", search_alg)  # inside the ConcurrencyLimiter
-    if isinstance(searcher, GroupSearcher):
+    searcher = _group_searcher(tuner)
+    if searcher is not None:
         searcher.config, searcher.optuna_storage = config, optuna_url
         searcher._store, searcher._studies, searcher._trials = None, {}, {}
 
 
-def run_search(config: StudyConfig, trainable, resume: bool, slots: int, optuna_url: str
-               ) -> int | None:
+def _group_searcher(tuner):
+    """The ``GroupSearcher`` a ``tuner`` (new or restored) runs with, or None."""
+    from search.engine.private_api import restored_parts
+    from search.engine.searcher import GroupSearcher
+
+    search_alg = restored_parts(tuner)[1]
+    searcher = getattr(search_alg, "searcher", search_alg)  # inside the ConcurrencyLimiter
+    return searcher if isinstance(searcher, GroupSearcher) else None
+
+
+def run_search(config: StudyConfig, trainable, resume: bool, slots: int, optuna_url: str,
+               callbacks: list | None = None) -> int | None:
     """Run (or continue) the study's search until every group has ``samples`` trials.
 
     Returns the number of worker processes the last experiment used (None when there was
     nothing to run). An interrupted experiment continues first (``--resume``); then, while a
-    group has fewer trials than ``samples`` (the study grew), one more experiment runs them.
+    group has fewer trials than ``samples`` (the study grew) and the time budget is not
+    spent, one more experiment runs them.
     Optuna is then made to agree with the ``trials`` table (``searcher.reconcile``).
+    ``callbacks`` go to a new experiment's ``make_tuner``; a restored one keeps its own.
     """
     from ray import tune
 
@@ -236,12 +286,18 @@ def run_search(config: StudyConfig, trainable, resume: bool, slots: int, optuna_
         # An extension whose state was never saved wrote no rows (Tune saves its state at the
         # end of its first step, before any result); its Optuna trials are orphans (reconcile).
     counts = trials_per_group(config)
-    if any(counts[g] < config.samples for g in config.groups):
-        name = EXPERIMENT if not any(counts.values()) else f"{EXPERIMENT}-{config.samples}"
+    short = any(counts[g] < config.samples for g in config.groups)
+    if short and budget_spent(config):
+        print(f"search stopped by its time budget: {searched_seconds(config):.0f} s of "
+              f"{config.time_budget:.0f} s searched, no more trials start (a larger "
+              "--time-budget continues it)", flush=True)
+    elif short:
+        name = _new_name(config, counts)
         if any(counts.values()):
             grow = ", ".join(f"{g} {counts[g]} -> {config.samples}" for g in config.groups)
             print(f"search grows: {grow} trials", flush=True)
-        tuner = make_tuner(config, trainable, slots, optuna_url, sink, name, counts)
+        tuner = make_tuner(config, trainable, slots, optuna_url, sink, name, counts, callbacks,
+                           searched=searched_seconds(config))
         _write_marker(config, name, "plan", {
             "trials": sum(config.samples - counts[g] for g in config.groups),
             "samples": config.samples, "started": counts})

@@ -39,8 +39,8 @@ from search.store.sink import CFG, ParquetSink, read_table
 from search.study import (
     StudyConfig,
     check_same_data,
-    group_params,
     read_study_json,
+    typed,
 )
 
 
@@ -54,7 +54,7 @@ def planned_runs(config: StudyConfig, groups: tuple[str, ...]) -> list[dict[str,
     for group in groups:
         params: dict[str, float] = {}
         source = ""
-        if group_params(group):
+        if config.group_space(group):
             row = best[best["group"] == group] if len(best) else best
             if not len(row):
                 raise ValueError(
@@ -62,7 +62,7 @@ def planned_runs(config: StudyConfig, groups: tuple[str, ...]) -> list[dict[str,
                     "run `kdsearch tune` for it first"
                 )
             row = row.iloc[0]
-            params = {p: float(row[f"cfg_{p}"]) for p in group_params(group)}
+            params = {p: typed(p, row[f"cfg_{p}"]) for p in config.group_space(group)}
             source = str(row["trial_id"])
         for seed in config.reproduce_seeds():
             if (group, seed) not in done_keys:

@@ -3,8 +3,9 @@
 All groups share one Tune experiment, so they share every slot of the cluster: whenever a
 slot frees, the searcher proposes a trial of the group that has started the fewest trials so
 far (groups interleave; none waits for another to finish). Each tuned group keeps its own
-Optuna study (TPE, multivariate, constant liar, seeded), named by the group, in an Optuna
-RDB storage, so ``optuna-dashboard`` and ``optuna.load_study`` show the search. The baseline
+Optuna study (its own sampler: TPE, random, QMC, CMA-ES or GP, seeded), named by the group,
+in an Optuna RDB storage, so ``optuna-dashboard`` and ``optuna.load_study`` show the search.
+The baseline
 has nothing to tune: its trials are the seeds ``seed … seed + samples - 1`` at the default
 settings and never reach Optuna.
 
@@ -12,13 +13,22 @@ Optuna is told what happened to each trial (``kdsearch`` status → Optuna state
 
 - every reported epoch → ``trial.report(val_acc, step=epoch)`` (intermediate values);
 - ``completed`` / ``early_stopped`` → ``COMPLETE`` with ``best_val_acc`` (what selection uses);
-- ``asha_stopped`` → ``PRUNED`` (TPE ranks pruned trials by how far they got, then by their
+- ``asha_stopped`` (stopped early by the group's trial scheduler: ASHA, Hyperband or the
+  median rule) → ``PRUNED`` (TPE ranks pruned trials by how far they got, then by their
   last intermediate value);
 - ``diverged`` → ``COMPLETE`` with 0.0, the worst possible accuracy;
 - ``failed`` → ``FAIL`` (ignored by TPE).
 
-Every Optuna trial carries the Tune ``trial_id`` as the user attribute ``trial_id`` and the
-kdsearch status as ``status``, so the ``trials`` table and the Optuna storage can be joined.
+Every Optuna trial carries the Tune ``trial_id`` as the user attribute ``trial_id``, the
+kdsearch status as ``status`` and who proposed it as ``proposer`` (``random`` for a startup
+draw, the sampler's name, ``warm start``; also in the Tune config and the ``trials`` table),
+so the ``trials`` table and the Optuna storage can be joined. The sampler of each group comes
+from ``search.engine.algorithms.make_sampler``; a warm start (``search.engine.warm_start``)
+enqueues an earlier study's best configurations when a group's Optuna study is created.
+
+With a ``time_budget`` no trial starts once the search has run that long
+(``search_seconds``: the time of every process and experiment of the study, saved with the
+state, so the time a killed search was down is not counted); running trials finish.
 The searcher's own state (which Tune trial is which Optuna trial) is saved as JSON with Tune's
 experiment state; on ``--resume`` the same Optuna studies continue, and Optuna trials that
 were asked for but never reached Tune's saved state are marked ``FAIL`` (attribute
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from typing import Any
 
@@ -60,6 +71,24 @@ def optuna_outcome(status: str, best_val_acc: float | None) -> tuple[str, float 
     return "FAIL", None
 
 
+def distribution(name: str, r):
+    """The Optuna distribution of a search range (``search.study.ParamRange``): categorical
+    for ``choices``, int for an integer setting (batch_size), else float."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    from search.study.space import INT_PARAMS
+
+    if r.categorical:
+        return CategoricalDistribution(r.choices)
+    if name in INT_PARAMS:
+        return IntDistribution(int(r.low), int(r.high), log=r.log, step=int(r.step or 1))
+    return FloatDistribution(r.low, r.high, log=r.log, step=r.step)
+
+
 def _agrees(trial, state: str, value: float | None) -> bool:
     """Whether the Optuna ``trial`` (a FrozenTrial) holds ``state`` and ``value``."""
     if trial.state.name != state:
@@ -71,7 +100,7 @@ class GroupSearcher(Searcher):
     """Proposes the trials of every group of ``config``; see the module docstring."""
 
     def __init__(self, config: StudyConfig, optuna_storage: str,
-                 started: dict[str, int] | None = None):
+                 started: dict[str, int] | None = None, searched: float = 0.0):
         super().__init__(metric=METRIC, mode="max")
         self.config = config
         self.optuna_storage = optuna_storage
@@ -83,6 +112,12 @@ class GroupSearcher(Searcher):
         self._studies: dict[str, Any] = {}  # opened lazily; never pickled
         self._trials: dict[str, Any] = {}  # Tune trial id -> optuna.Trial (a handle)
         self._orphans_checked = False
+        # Search time: seconds of earlier processes and experiments (``searched``, saved with
+        # the state), plus this process's since ``_since`` (never pickled: a resumed search
+        # does not count the downtime). ``budget_reached``: suggest stopped on time_budget.
+        self.searched = float(searched)
+        self._since: float | None = time.monotonic()
+        self.budget_reached = False
 
     # -- Optuna ----------------------------------------------------------------------------
 
@@ -91,15 +126,18 @@ class GroupSearcher(Searcher):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
+            from search.engine.algorithms import make_sampler
+            from search.engine.warm_start import enqueue_warm_start
+
             study = optuna.create_study(storage=self._storage(), study_name=group,
                                         direction="maximize", load_if_exists=True)
             # Seeded by the study seed plus the trials already there: a resumed search does
-            # not replay the random proposals it made before the interruption.
-            seed = self.config.seed + len(study.get_trials(deepcopy=False))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True,
-                                                           seed=seed)
+            # not replay the random proposals it made before the interruption (QMC keeps one
+            # seeded sequence: search.engine.algorithms).
+            trials = len(study.get_trials(deepcopy=False))
+            study.sampler = make_sampler(self.config, self._distributions(group), trials)
+            if trials == 0:
+                enqueue_warm_start(self.config, group, study)  # once, when the study is new
             self._studies[group] = study
         return self._studies[group]
 
@@ -112,10 +150,7 @@ class GroupSearcher(Searcher):
         return self._store
 
     def _distributions(self, group: str) -> dict:
-        from optuna.distributions import FloatDistribution
-
-        return {p: FloatDistribution(r.low, r.high, log=r.log, step=r.step)
-                for p, r in self.config.group_space(group).items()}
+        return {p: distribution(p, r) for p, r in self.config.group_space(group).items()}
 
     def _handle(self, trial_id: str):
         """The ``optuna.Trial`` of a live Tune trial (rebuilt from its number after a restore)."""
@@ -176,6 +211,11 @@ class GroupSearcher(Searcher):
         if not self._orphans_checked:
             self._fail_orphans()
         open_groups = [g for g in self.config.groups if self.started[g] < self.config.samples]
+        budget = self.config.time_budget
+        if open_groups and budget is not None:
+            self.budget_reached = self.search_seconds() >= budget
+            if self.budget_reached:  # no trial starts after the budget
+                return Searcher.FINISHED
         if not open_groups:
             return Searcher.FINISHED
         group = min(open_groups, key=lambda g: self.started[g])  # ties: the study's order
@@ -184,11 +224,17 @@ class GroupSearcher(Searcher):
         if group == "baseline":
             self.live[trial_id] = (group, -1)
             return {"group": group, "seed": self.config.seed + index}
-        trial = self._study(group).ask(self._distributions(group))
+        from search.engine.algorithms import proposer
+
+        study = self._study(group)
+        who = proposer(self.config, study)  # counted as the sampler counts, before it draws
+        trial = study.ask(self._distributions(group))
+        who = trial.user_attrs.get("proposer", who)  # an enqueued trial: ``warm start``
+        trial.set_user_attr("proposer", who)
         trial.set_user_attr("trial_id", trial_id)
         self.live[trial_id] = (group, trial.number)
         self._trials[trial_id] = trial
-        return {"group": group, **trial.params}
+        return {"group": group, **trial.params, "proposer": who}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not result or result.get("diverged") or result.get("replayed"):
@@ -231,11 +277,22 @@ class GroupSearcher(Searcher):
 
     # -- state: JSON, saved with Tune's experiment state -----------------------------------
 
+    def search_seconds(self) -> float:
+        """Seconds this search has run, over every process and experiment of the study."""
+        if self._since is None:  # unpickled and not restored: counting starts now
+            self._since = time.monotonic()
+        return self.searched + time.monotonic() - self._since
+
     def get_state(self) -> dict:
         return {"started": dict(self.started), "live": {k: list(v) for k, v in self.live.items()},
-                "late": {k: {str(e): v for e, v in d.items()} for k, d in self.late.items()}}
+                "late": {k: {str(e): v for e, v in d.items()} for k, d in self.late.items()},
+                "search_seconds": self.search_seconds(),
+                "budget_reached": self.budget_reached}
 
     def set_state(self, state: dict) -> None:
+        self.searched = float(state.get("search_seconds", 0.0))
+        self._since = time.monotonic()  # the time the search was down is not counted
+        self.budget_reached = bool(state.get("budget_reached", False))
         self.started = {g: int(state["started"].get(g, 0)) for g in self.config.groups}
         self.live = {k: (str(g), int(n)) for k, (g, n) in state["live"].items()}
         self.late = {k: {int(e): float(v) for e, v in d.items()}
@@ -252,10 +309,11 @@ class GroupSearcher(Searcher):
             self.set_state(json.load(fh))
 
     def __getstate__(self) -> dict:  # Tune pickles its search algorithm; Optuna handles stay out
-        return {**self.__dict__, "_store": None, "_studies": {}, "_trials": {}}
+        return {**self.__dict__, "_store": None, "_studies": {}, "_trials": {}, "_since": None}
 
-    def __setstate__(self, state: dict) -> None:  # a searcher pickled before ``_store``
-        self.__dict__.update({"_store": None, **state})
+    def __setstate__(self, state: dict) -> None:  # a searcher pickled before these fields
+        self.__dict__.update({"_store": None, "searched": 0.0, "_since": None,
+                              "budget_reached": False, **state})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,19 +33,19 @@ from kdcore.features import Size
 from kdcore.teacher import build_teacher, load_weights
 from kdcore.train import DivergedError, best_epoch_of, fit, image_shape
 from search.engine.simulated import simulated_fit
-from search.study import PARAMS, StudyConfig
+from search.study import PARAMS, StudyConfig, typed
 
 STATE_FILE = "state.pt"
 
 
-def cfg_columns(config: TrialConfig) -> dict[str, float]:
-    """The ``cfg_*`` columns of a trial: the six searchable values it actually trains with."""
-    return {f"cfg_{p}": float(getattr(config, p)) for p in PARAMS}
+def cfg_columns(config: TrialConfig) -> dict[str, Any]:
+    """The ``cfg_*`` columns of a trial: every searchable value it actually trains with."""
+    return {f"cfg_{p}": typed(p, getattr(config, p)) for p in PARAMS}
 
 
 def trial_settings(study: StudyConfig, config: dict[str, Any]) -> TrialConfig:
     """The ``TrialConfig`` of a Tune trial config ``{"group", "seed"?, <params>}``."""
-    params = {k: float(config[k]) for k in PARAMS if k in config}
+    params = {k: config[k] for k in PARAMS if k in config}
     return study.trial_config(config["group"], params, int(config.get("seed", study.seed)))
 
 
@@ -57,7 +57,7 @@ def best_of(history: list[dict]) -> tuple[float, int]:
     return float(best["val_acc"]), int(best["epoch"])
 
 
-def _usable_checkpoint(checkpoint):
+def usable_checkpoint(checkpoint):
     """Tune's checkpoint, or where it is gone, the newest one beside it that holds a state.
 
     A driver killed after a trial wrote newer checkpoints, and before Tune saved its own
@@ -84,7 +84,7 @@ def _restore() -> tuple[dict | None, int, float]:
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        checkpoint = _usable_checkpoint(checkpoint)
+        checkpoint = usable_checkpoint(checkpoint)
     if checkpoint is None:
         return None, 1, 0.0
     with checkpoint.as_directory() as d:

@@ -15,7 +15,7 @@ from .loading import (
     read_config_file,
 )
 from .presets import PRESETS
-from .space import DEFAULT_SPACE, PARAMS, ParamRange, group_params
+from .space import DEFAULT_SPACE, PARAMS, ParamRange, group_params, typed
 from .stored import (
     GROWING_FIELDS,
     RUNTIME_FIELDS,
@@ -37,5 +37,5 @@ __all__ = [
     "load_study_config", "overrides_from_args", "package_versions", "ParamRange", "PARAMS",
     "PRESETS", "read_config_file", "read_study_json", "record_if_changed", "record_settings",
     "resolve_study", "RUNTIME_FIELDS", "settle", "study_json_path", "StudyConfig",
-    "TEACHER_FIELDS", "write_study_json",
+    "TEACHER_FIELDS", "typed", "write_study_json",
 ]

@@ -7,6 +7,7 @@ and flags (``loading``) and ``study.json`` (``stored``) live beside it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +25,64 @@ from kdcore.config import (
 from search.store import files as fsutil
 from search.store.files import check_study_name
 
-from .space import DEFAULT_SPACE, PARAMS, ParamRange, group_params, space_from, validate_range
+from .space import (
+    DEFAULT_SPACE,
+    PARAMS,
+    ParamRange,
+    group_space,
+    space_from,
+    space_to_dict,
+    typed,
+    validate_space,
+)
 
 TEACHER_FIELDS = ("arch", "width", "cbam", "epochs", "batch_size", "lr", "lr_schedule",
                   "patience", "seed", "checkpoint", "stages")
 
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
+"""Optuna samplers a study may use (``search.engine.algorithms.make_sampler``)."""
+SCHEDULERS = ("asha", "hyperband", "median", "none")
+"""Trial schedulers a study may use (``search.engine.algorithms.make_scheduler``)."""
+
+
+def default_n_startup(samples: int) -> int:
+    """Random startup trials per group when ``n_startup`` is not set: a quarter of the
+    group's trials, at least 2 and at most Optuna's default of 10 (so 8 trials get 2)."""
+    return min(10, max(2, int(samples) // 4))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds of a duration: a number (seconds) or a string such as ``2h``, ``90m``,
+    ``45s``, ``1h30m``; None stays None. ``ValueError`` naming ``time_budget`` otherwise."""
+    if value is None or (is_number(value) and not isinstance(value, str)):
+        return None if value is None else float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"time_budget: expected seconds or a duration like 2h, 90m, 45s, "
+                         f"got {value!r}")
+    return sum(float(n) * _UNIT[u] for n, u in parts)
+
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """One study: data, storage, groups, search budget, ASHA, models, optimizer, space, resources.
+    """One study: data, storage, groups, search budget, sampler and trial scheduler, models,
+    optimizer, space, resources.
 
-    ``seed`` seeds the TPE sampler and is the training seed of every search trial (so all
+    ``seed`` seeds the sampler and is the training seed of every search trial (so all
     trials of all groups see the same batches); ``seeds`` is how many seeds ``reproduce``
-    trains per group (``reproduce_seeds()``, disjoint from ``seed``).
+    trains per group (``reproduce_seeds()``, disjoint from ``seed``). ``n_startup`` left
+    unset is fixed at ``default_n_startup(samples)`` when the config is made, so the number
+    a study ran with is the one ``study.json`` records. ``time_budget`` accepts seconds or a
+    duration string (``parse_duration``) and holds seconds.
     """
 
     study: str = "default"
@@ -47,6 +93,12 @@ class StudyConfig:
     max_epochs: int = 30
     grace_period: int = 5
     reduction_factor: float = 2.0
+    sampler: str = "tpe"  # SAMPLERS
+    n_startup: int | None = None  # random startup trials per group; None: default_n_startup
+    scheduler: str = "asha"  # SCHEDULERS (--trial-scheduler)
+    time_budget: float | None = None  # seconds of search; no trial starts after it
+    warm_start: str | None = None  # an earlier study whose best configurations start this one
+    warm_start_storage: str | None = None  # where that study lives; None: this storage
     student: str = "resnet18"
     student_width: float = 1.0
     student_cbam: bool = False
@@ -69,7 +121,8 @@ class StudyConfig:
     train_per_class: int | None = None
     test_per_class: int | None = None
     seed: int = 0
-    space: dict[str, ParamRange] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    # shared ranges by parameter, and {group: {parameter: range}} for one group's own
+    space: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None  # trials running at once; None: every slot
@@ -87,17 +140,21 @@ class StudyConfig:
         # The teacher shares the study's stem and trains on the study's device and precision.
         set_(self, "teacher", dataclasses.replace(self.teacher, stem=self.stem, device=self.device,
                                                   precision=self.precision))
+        set_(self, "time_budget", parse_duration(self.time_budget))
+        if self.n_startup is None and is_int(self.samples):  # fixed when the study starts
+            set_(self, "n_startup", default_n_startup(self.samples))
         _validate(self)
 
     # -- building trials ---------------------------------------------------------------------
 
-    def trial_config(self, group: str, params: dict[str, float], seed: int) -> TrialConfig:
-        """The ``TrialConfig`` of one trial: the group's preset, this study's settings, params."""
+    def trial_config(self, group: str, params: dict[str, Any], seed: int) -> TrialConfig:
+        """The ``TrialConfig`` of one trial: the group's preset, this study's settings, and
+        ``params`` (searched values, which beat the study's settings)."""
         unknown = set(params) - set(PARAMS)
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: not a search parameter {list(PARAMS)}")
-        return TrialConfig.for_group(
-            group, student=self.student, student_width=self.student_width,
+        settings = dict(
+            student=self.student, student_width=self.student_width,
             student_cbam=self.student_cbam, teacher=self.teacher.arch,
             teacher_width=self.teacher.width, teacher_cbam=self.teacher.cbam, stem=self.stem,
             stages=self.stages, student_stages=self.student_stages,
@@ -105,11 +162,13 @@ class StudyConfig:
             weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
             epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience,
             mask_target=self.mask_target, seed=seed, device=self.device,
-            precision=self.precision, **{k: float(v) for k, v in params.items()},
-        )
+            precision=self.precision)
+        settings.update({k: typed(k, v) for k, v in params.items()})
+        return TrialConfig.for_group(group, **settings)
 
     def group_space(self, group: str) -> dict[str, ParamRange]:
-        return {p: self.space[p] for p in group_params(group)}
+        """The ranges ``group`` searches (``space.group_space``)."""
+        return group_space(self.space, group)
 
     def reproduce_seeds(self) -> tuple[int, ...]:
         """Seeds for ``reproduce``: ``seed + 1 ... seed + seeds`` (never the search seed)."""
@@ -150,7 +209,7 @@ class StudyConfig:
             d[name] = None if d[name] is None else list(d[name])
         d["teacher"] = {k: getattr(self.teacher, k) for k in TEACHER_FIELDS}
         d["teacher"]["stages"] = list(self.teacher.stages)
-        d["space"] = {p: r.to_dict() for p, r in self.space.items()}
+        d["space"] = space_to_dict(self.space)
         return d
 
     @classmethod
@@ -211,16 +270,30 @@ def _validate(c: StudyConfig) -> None:
            f"must be <= max_epochs ({c.max_epochs}), got {c.grace_period}")
     check(is_number(c.reduction_factor) and c.reduction_factor > 1, "reduction_factor",
            f"must be a number > 1, got {c.reduction_factor!r}")
+    check(c.sampler in SAMPLERS, "sampler", f"must be one of {list(SAMPLERS)}, got {c.sampler!r}")
+    check(is_int(c.n_startup) and c.n_startup > 0, "n_startup",
+          f"must be an integer > 0, got {c.n_startup!r}")
+    check(c.scheduler in SCHEDULERS, "scheduler",
+          f"must be one of {list(SCHEDULERS)}, got {c.scheduler!r}")
+    check(c.time_budget is None or c.time_budget > 0, "time_budget",
+          f"must be > 0 seconds, got {c.time_budget!r}")
+    if c.warm_start is not None:
+        try:
+            check_study_name(c.warm_start)
+        except ValueError as exc:  # the same rule, named by this field
+            raise ValueError(f"warm_start{str(exc).removeprefix('study')}") from None
+        check(c.warm_start != c.study or c.warm_start_storage not in (None, c.storage),
+              "warm_start", f"a study cannot start from itself ({c.warm_start!r})")
+    check(c.warm_start_storage is None or (c.warm_start is not None and isinstance(
+        c.warm_start_storage, str) and c.warm_start_storage != ""), "warm_start_storage",
+          "must be a path or URI, and needs warm_start")
     check(is_number(c.cpus_per_trial) and c.cpus_per_trial > 0, "cpus_per_trial",
            f"must be a number > 0, got {c.cpus_per_trial!r}")
     check(is_number(c.gpus_per_trial) and c.gpus_per_trial >= 0, "gpus_per_trial",
            f"must be a number >= 0, got {c.gpus_per_trial!r}")
     check(c.gpus_per_trial <= 1 or float(c.gpus_per_trial).is_integer(), "gpus_per_trial",
            f"fractions must be <= 1 (Ray shares one GPU), got {c.gpus_per_trial}")
-    check(isinstance(c.space, dict) and set(c.space) == set(PARAMS), "space",
-           f"needs exactly the parameters {list(PARAMS)}")
-    for name, r in c.space.items():
-        validate_range(name, r)
+    validate_space(c.space)
     t = c.teacher
     check_model("teacher.arch", t.arch, t.width, t.cbam)
     check_model("student", c.student, c.student_width, c.student_cbam)
@@ -240,6 +313,11 @@ def _validate(c: StudyConfig) -> None:
     check(is_number(t.lr) and t.lr > 0, "teacher.lr", f"must be > 0, got {t.lr!r}")
     # Everything else is checked where it is used: by TrialConfig, at both ends of the space.
     for group in c.groups:
-        for end in ("low", "high"):
-            c.trial_config(group, {p: getattr(r, end) for p, r in c.group_space(group).items()},
-                           c.seed)
+        c.trial_config(group, {}, c.seed)  # the study's own settings, unprefixed
+        for end in (0, 1):
+            try:
+                c.trial_config(group, {p: r.ends()[end] for p, r in c.group_space(group).items()},
+                               c.seed)
+            except ValueError as exc:
+                raise ValueError(f"space of {group!r} at its {('low', 'high')[end]} end: {exc}"
+                                 ) from None

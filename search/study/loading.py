@@ -12,7 +12,7 @@ from .config import StudyConfig
 from .presets import PRESETS
 
 # Command-line names that differ from StudyConfig's.
-ALIASES = {"epochs": "max_epochs", "group": "groups"}
+ALIASES = {"epochs": "max_epochs", "group": "groups", "trial_scheduler": "scheduler"}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -120,4 +120,7 @@ def overrides_from_args(args: Any) -> dict[str, Any]:
         "groups": get("group"), "samples": get("samples"), "seeds": get("seeds"),
         "cpus_per_trial": get("cpus_per_trial"), "gpus_per_trial": get("gpus_per_trial"),
         "max_concurrent": get("max_concurrent"), "device": get("device"),
+        "sampler": get("sampler"), "n_startup": get("n_startup"),
+        "scheduler": get("trial_scheduler"), "time_budget": get("time_budget"),
+        "warm_start": get("warm_start"), "warm_start_storage": get("warm_start_storage"),
     }

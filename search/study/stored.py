@@ -3,9 +3,10 @@
 Settings of a stored study (docs/SEARCH.md, "Settings of a stored study"): runtime fields say
 where and with what the study runs and may change at any time; growing fields only add work
 (more trials per group: the search continues in another Tune experiment; more reproduce
-seeds); ``data`` may be spelled anew (a moved folder), and the commands refuse other data by
-its fingerprint (``check_same_data``). Every other field would change what was already
-measured and is refused in one line naming the field and both values.
+seeds; a longer time budget); ``data`` may be spelled anew (a moved folder), and the
+commands refuse other data by its fingerprint (``check_same_data``). Every other field would
+change what was already measured and is refused in one line naming the field and both
+values.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from search.store.files import check_study_name
 from .config import StudyConfig
 from .loading import ALIASES, environment_settings, given_settings, merge, overrides_from_args
 
-RUNTIME_FIELDS = ("storage", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "device")
+RUNTIME_FIELDS = ("storage", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "device",
+                  "warm_start_storage")
 
 
-GROWING_FIELDS = ("samples", "seeds")
+GROWING_FIELDS = ("samples", "seeds", "time_budget")  # time_budget: None is unlimited
+
+STORED_BEFORE = {"sampler": "tpe", "n_startup": 10, "scheduler": "asha"}
+"""What a ``study.json`` written before these settings existed ran with (Optuna's TPE with its
+default of 10 random startup trials, ASHA)."""
 
 
 RESPELLED_FIELDS = ("study", "data")
@@ -67,7 +73,7 @@ def config_from_study_json(doc: dict[str, Any], overrides: dict[str, Any] | None
                            ) -> StudyConfig:
     """The stored config with runtime-only fields (storage, resources, device) overridden."""
     names = {f.name for f in dataclasses.fields(StudyConfig)}
-    raw = {k: v for k, v in doc.items() if k in names}
+    raw = {**STORED_BEFORE, **{k: v for k, v in doc.items() if k in names}}
     runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS and v is not None}
     return StudyConfig.from_dict({**raw, **runtime})
 
@@ -94,14 +100,24 @@ def settle(stored: dict[str, Any], given: dict[str, Any]) -> StudyConfig:
         if key in RUNTIME_FIELDS or key in RESPELLED_FIELDS or _same(old[key], new[key]):
             continue
         if key in GROWING_FIELDS:
-            if new[key] > old[key]:
+            if _grows(old[key], new[key]):
                 continue
-            raise ValueError(f"{key}: {new[key]!r} is fewer than the stored study's "
-                             f"{old[key]!r} (a stored study only grows; nothing is removed)")
+            less = "less" if key == "time_budget" else "fewer"
+            raise ValueError(f"{key}: {_limit(new[key])} is {less} than the stored study's "
+                             f"{_limit(old[key])} (a stored study only grows; nothing is removed)")
         where, a, b = _first_difference(key, old[key], new[key])
         raise ValueError(f"{where}: {b!r} differs from the stored study's {a!r} "
                          "(it would change what was already measured; use another --study)")
     return wanted
+
+
+def _grows(old: Any, new: Any) -> bool:
+    """Whether a growing field goes up; None is unlimited (a time budget removed)."""
+    return old is not None and (new is None or new > old)
+
+
+def _limit(value: Any) -> str:
+    return "no limit" if value is None else repr(value)
 
 
 def _first_difference(where: str, a: Any, b: Any) -> tuple[str, Any, Any]:
