@@ -109,7 +109,7 @@ def processes() -> list[tuple[int, int, int]]:
 
 def cmdline(pid: int) -> str:
     """The command line of ``pid`` as one string ('' when it is gone). Ray workers rewrite
-    theirs to a title such as ``ray::ImplicitFunc.train``."""
+    theirs to a title such as ``ray::train_trial.train``."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

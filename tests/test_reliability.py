@@ -128,7 +128,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(tmp_path):
     with _started(kdsearch("tune", "--config", str(cfg), "--storage", str(store)), log) as proc:
         _wait_for_rows(proc, log, study_dir, lambda r: (r.epoch >= 1).any())
         below = descendants([proc.pid])
-        workers = [pid for pid in below if "ImplicitFunc" in cmdline(pid)]
+        workers = [pid for pid in below if "ray::train_trial." in cmdline(pid)]
         assert len(workers) == 1, [cmdline(p) for p in below]
         # Ray's dashboard is off locally: at most the minimal head, bound to loopback.
         for pid in below:
@@ -286,7 +286,7 @@ def test_worker_node_killed_trials_finish_on_the_head(tmp_path):
             victims = members | descendants(list(members), procs)
             raylets = [p for p in victims if cmdline(p).split(" ")[0].endswith("/raylet")]
             assert len(raylets) == 1 and "--node_ip_address=127.0.0.3" in cmdline(raylets[0])
-            assert any("ImplicitFunc" in cmdline(p) for p in victims)
+            assert any("ray::train_trial." in cmdline(p) for p in victims)
             assert not any("--node-ip-address=127.0.0.2" in cmdline(p) for p in victims)
             killed_at = time.time()
             for pid in victims:

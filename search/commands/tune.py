@@ -93,11 +93,10 @@ def run_tune(config: StudyConfig, resume: bool = False, address: str | None = No
     inputs = SharedInputs(data=ray.put(data),
                           teacher_state=ray.put(teacher_state) if teacher_state else None,
                           simulate=simulate)
-    trainable = tune.with_resources(
-        restoring_trainable(tune.with_parameters(train_trial, study=config, inputs=inputs),
-                            usable_checkpoint),
-        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
-    )
+    # Resources on the function (Tune's class wrapper would rename the worker processes).
+    trainable = restoring_trainable(tune.with_resources(
+        tune.with_parameters(train_trial, study=config, inputs=inputs),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}), usable_checkpoint)
     running, alive = live_trials(config, slots)
     url = optuna_storage_url(config, optuna_storage)
     print(f"search: {len(config.groups)} groups x {config.samples} trials on {slots} slots "
