@@ -166,6 +166,10 @@ def simulate_schedule(config: StudyConfig, slots: int, epoch_seconds: float = 1.
 
 def cmd_bench_scheduler(args) -> int:
     """Print one JSON line per measurement (see the module docstring)."""
+    args.slots = int(args.slots)
+    args.samples = 16 if args.samples is None else args.samples
+    args.grace = 2 if args.grace is None else args.grace
+    args.reduction_factor = 2.0 if args.reduction_factor is None else args.reduction_factor
     if args.slots <= 0 or args.samples <= 0 or args.epochs <= 0 or args.grace <= 0:
         raise ValueError("--slots, --samples, --epochs and --grace must be > 0")
     if args.epoch_seconds <= 0:

@@ -1,6 +1,6 @@
 """``kdsearch bench``: images/s of one training step per group (``kdcore.bench``), no Ray.
 
-``--scheduler`` and ``--tables`` are the benchmarks of ``search.bench``."""
+``--scheduler``, ``--search`` and ``--tables`` are the benchmarks of ``search.bench``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def cmd_bench(args) -> int:
         from search.bench.scheduler import cmd_bench_scheduler
 
         return cmd_bench_scheduler(args)
+    if args.search:
+        from search.bench.search_efficiency import cmd_bench_search
+
+        return cmd_bench_search(args)
     if args.tables is not None:
         from search.bench.tables import cmd_bench_tables
 

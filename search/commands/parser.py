@@ -214,22 +214,47 @@ def _bench(sub) -> None:
                    help="comma-separated autocast precisions of the timed step, each auto, "
                         "fp32 or bf16 (auto: bf16 where supported); the default times bf16 "
                         "against fp32 in one run where the CPU has bf16")
-    # --scheduler: the search path of `tune` with sleeping trials (search/bench_scheduler.py)
+    # --scheduler: the search path of `tune` with sleeping trials (search/bench/scheduler.py)
     p.add_argument("--scheduler", action="store_true",
                    help="benchmark the scheduling of `tune` with sleeping trials")
-    p.add_argument("--slots", type=int, default=8, help="--scheduler: logical CPU slots")
+    p.add_argument("--slots", default="8",
+                   help="--scheduler: logical CPU slots; --search: simulated slots, "
+                   "comma-separated (8)")
     p.add_argument("--epoch-seconds", type=float, default=1.0,
                    help="--scheduler: seconds each trial sleeps per epoch")
-    p.add_argument("--samples", type=int, default=16, help="--scheduler: trials per group")
+    p.add_argument("--samples", type=int, default=None,
+                   help="trials per group (--scheduler: 16; --search: 64)")
     p.add_argument("--epochs", type=int, default=12, help="--scheduler: max epochs per trial")
-    p.add_argument("--grace", type=int, default=2, help="--scheduler: ASHA grace period")
-    p.add_argument("--reduction-factor", type=float, default=2.0,
-                   help="--scheduler: ASHA reduction factor")
+    p.add_argument("--grace", type=int, default=None,
+                   help="ASHA grace period (--scheduler: 2; --search: the bank's study)")
+    p.add_argument("--reduction-factor", type=float, default=None,
+                   help="ASHA reduction factor (--scheduler: 2; --search: the bank's study)")
     p.add_argument("--simulate", action="store_true",
                    help="--scheduler: a discrete-event simulation instead of Ray (any --slots)")
     p.add_argument("--storage", default=None,
                    help="--scheduler/--tables: where the benchmark study is written "
                    "(default: a temporary folder)")
+    # --search: replay search strategies on the bank of learning curves (search/bench/replay.py)
+    p.add_argument("--search", action="store_true",
+                   help="replay search strategies on the bank of real learning curves: "
+                   "speedup to quality q over random search")
+    p.add_argument("--bank", default=None,
+                   help="--search: the bank of learning curves (results/curves)")
+    p.add_argument("--strategies", default=None,
+                   help="--search: comma-separated SAMPLER[+SCHEDULER] (default: random, "
+                   "random+asha, tpe, tpe+asha, qmc, cmaes, gp, tpe+hyperband, tpe+median, "
+                   "random+hyperband)")
+    p.add_argument("--seeds", type=int, default=30, help="--search: replays per strategy (30)")
+    p.add_argument("--n-startup", type=int, default=None,
+                   help="--search: random startup trials of tpe, gp and cmaes "
+                   "(default: tune's rule for --samples)")
+    p.add_argument("--out", default="bench-search",
+                   help="--search: folder for search_efficiency.json and .png (bench-search)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="--search: replay processes (default: every core)")
+    p.add_argument("--real", default=None, metavar="STUDY_DIR",
+                   help="--search: a real study's best-so-far beside the replays of its own "
+                   "strategy and settings on the first --slots")
     # --tables: synthetic trial tables at scale (search/bench_tables.py)
     p.add_argument("--tables", type=int, default=None, metavar="N",
                    help="benchmark loading/analysing a synthetic study of N trials per group")
