@@ -591,9 +591,16 @@ def test_a_time_budget_stops_new_trials_and_a_resume_skips_the_downtime(store, r
     resumed_for = time.time() - resumed_at
     out = capsys.readouterr().out
     final = saved_state(study_dir)
-    # trials started after the resume: with the downtime counted (>= 2 + 20 s) none would
+    # trials started after the resume: with the downtime counted (>= 2 + 12 s) none would.
+    # The trials restored from the kill run first; once they have all ended with budget left
+    # (the budget cannot end sooner than BUDGET - searched after the resume), a slot is free
+    # and a new trial must start. On a loaded machine the restored trials can outlast the
+    # budget; then only the clock below tells a counted downtime.
     started = sum(final["started"].values()) - sum(killed["started"].values())
-    assert started >= 1, (killed, final)
+    epochs = read_table(str(study_dir), "epochs")
+    restored_end = epochs.loc[epochs.trial_id.isin(list(killed["live"])), "timestamp"].max()
+    if restored_end - resumed_at < BUDGET - killed["search_seconds"]:
+        assert started >= 1, (killed, final)
     # the clock went on from the saved state by no more than the resumed run lasted
     assert final["budget_reached"] and BUDGET <= final["search_seconds"]
     assert final["search_seconds"] <= killed["search_seconds"] + resumed_for, (killed, final)
@@ -605,12 +612,14 @@ def test_a_time_budget_stops_new_trials_and_a_resume_skips_the_downtime(store, r
     assert len(trials) == sum(final["started"].values()) < 2 * config.samples
     assert (trials.status != "failed").all()
     check_optuna_agrees(config, trials)
-    # no trial started after the budget: the last first epoch of the resumed search began
-    # within the budget left (plus the restore and a worker's start)
-    epochs = read_table(str(study_dir), "epochs")
+    # no trial started after the budget: the last first epoch of a trial new to the resumed
+    # search began within the budget left (plus the restore and a worker's start; without the
+    # budget 80 trials would go on starting for over a minute)
     starts = (epochs.timestamp - epochs.epoch_seconds).groupby(epochs.trial_id).min()
-    last = starts[starts > resumed_at].max() - resumed_at
-    assert last <= BUDGET - killed["search_seconds"] + 10.0, last
+    new = starts[(starts > resumed_at) & ~starts.index.isin(list(killed["live"]))]
+    if len(new):
+        last = new.max() - resumed_at
+        assert last <= BUDGET - killed["search_seconds"] + 20.0, last
     print_summary(summary)
     assert f"stopped by its time budget of {BUDGET:.0f} s" in capsys.readouterr().out
     with capsys.disabled():
