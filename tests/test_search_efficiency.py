@@ -295,3 +295,13 @@ def test_bench_search_real_puts_a_study_beside_replays_of_its_own_settings(tmp_p
     # the real search selected the best of its 8 runs: its expected final is the bank's top
     assert row["real_final"] == pytest.approx(max(c[-1] for _, c in runs), abs=0.02)
     assert (tmp_path / "out" / "real_vs_replay.json").exists()
+
+
+def test_the_committed_bank_loads():
+    # results/curves grows across sessions (make_bank.sh); its format must stay readable
+    for group, dims in (("kd", 3), ("at", 5)):
+        bank = load_bank(REPO / "results" / "curves", group)
+        assert bank.positions.shape == (len(bank.curves), dims) and len(bank.curves) >= 32
+        assert bank.max_epochs == 8 and bank.curves.shape[1] == 8
+        assert ((bank.positions >= 0) & (bank.positions <= 1)).all()
+        assert ((bank.curves > 0.1) & (bank.curves < 1)).all()  # better than chance
