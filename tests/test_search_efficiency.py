@@ -213,12 +213,17 @@ def test_strategies_are_sampler_plus_scheduler():
             config.grace_period, config.n_startup) == ("gp", "median", 7, 40, 2, 10)
 
 
+def random_kd_params(rng: np.random.Generator) -> dict[str, float]:
+    """One uniform draw from KD_SPACE (T log-uniform)."""
+    return {"T": float(np.exp(rng.uniform(0, np.log(16)))),
+            "w_ce": float(rng.uniform(0.1, 1)), "w_kl": float(rng.uniform(0.1, 2))}
+
+
 def test_bench_search_command_on_a_small_bank(tmp_path):
     rng = np.random.default_rng(1)
     runs = []
     for _ in range(10):
-        params = {"T": float(np.exp(rng.uniform(0, np.log(16)))),
-                  "w_ce": float(rng.uniform(0.1, 1)), "w_kl": float(rng.uniform(0.1, 2))}
+        params = random_kd_params(rng)
         top = 0.3 + 0.3 * params["w_ce"]
         runs.append((params, [top * (1 - 0.5 ** e) for e in range(1, 5)]))
     write_study(tmp_path / "bank", "curves", runs)
@@ -278,8 +283,7 @@ def test_bench_search_real_puts_a_study_beside_replays_of_its_own_settings(tmp_p
     rng = np.random.default_rng(2)
     runs = []
     for _ in range(8):
-        params = {"T": float(np.exp(rng.uniform(0, np.log(16)))),
-                  "w_ce": float(rng.uniform(0.1, 1)), "w_kl": float(rng.uniform(0.1, 2))}
+        params = random_kd_params(rng)
         runs.append((params, [0.2 + 0.4 * params["w_ce"] * e / 4 for e in range(1, 5)]))
     write_study(tmp_path / "bank", "curves", runs)
     cmd = [sys.executable, "-m", "search.commands.cli", "bench", "--search", "--bank",

@@ -211,12 +211,7 @@ def cmd_bench_search(args) -> int:
                           "strategies": strategies, "wall_s": time.monotonic() - t0}
     report["curves"] = {f"{g}/{n}": v for (g, n), v in curves.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    import pyarrow.fs as pafs
-
-    from analysis.files import atomic_write
-
-    atomic_write(pafs.LocalFileSystem(), str(out_dir / "search_efficiency.json"),
-                 json.dumps(finite(report), indent=1).encode())
+    write_json(out_dir / "search_efficiency.json", report)
     plot(out_dir / "search_efficiency.png", curves, strategies,
          {g: report["groups"][g]["q"] for g in banks})
     print(f"wrote {out_dir / 'search_efficiency.json'} and search_efficiency.png "
@@ -270,12 +265,7 @@ def check_real(args, banks: dict[str, tuple[Bank, Surrogate]], config, report: d
                   f"expected {100 * (row['real_final'] or math.nan):.2f}% vs replay median "
                   f"{100 * row['replay']['final_median']:.2f}%", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    import pyarrow.fs as pafs
-
-    from analysis.files import atomic_write
-
-    atomic_write(pafs.LocalFileSystem(), str(out_dir / "real_vs_replay.json"),
-                 json.dumps(finite(report), indent=1).encode())
+    write_json(out_dir / "real_vs_replay.json", report)
     print(f"wrote {out_dir / 'real_vs_replay.json'} ({time.monotonic() - t0:.0f}s)",
           file=sys.stderr)
     return 0
@@ -285,6 +275,15 @@ def _bank_groups(root: Path) -> list[str]:
     from search.bench.curves import bank_studies
 
     return list(json.loads((bank_studies(root)[0] / "study.json").read_text())["groups"])
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """``doc`` as JSON at ``path``, atomically (``analysis.files.atomic_write``)."""
+    import pyarrow.fs as pafs
+
+    from analysis.files import atomic_write
+
+    atomic_write(pafs.LocalFileSystem(), str(path), json.dumps(finite(doc), indent=1).encode())
 
 
 def finite(value: Any) -> Any:
