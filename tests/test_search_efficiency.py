@@ -243,11 +243,18 @@ def test_bench_search_command_on_a_small_bank(tmp_path):
         (1, "random"), (1, "tpe+asha"), (4, "random"), (4, "tpe+asha")]
     assert all(r["replays"] == 3 for r in rows)
     assert all(r["speedup"] == 1.0 for r in rows if r["strategy"] == "random")
+    assert all(r["trials"] == 16 for r in rows)  # --samples, not the bank study's 10
     saved = json.loads((out / "search_efficiency.json").read_text())
     assert saved["results"] == rows and (out / "search_efficiency.png").stat().st_size > 10_000
     bad = subprocess.run([*cmd[:-7], "--strategies", "tpe+never"], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
     assert bad.returncode != 0 and "SAMPLER[+SCHEDULER]" in bad.stderr
+    default = subprocess.run([*cmd[:7], "--seeds", "1", "--strategies", "random", "--json",
+                              "--out", str(out), "--jobs", "1"], capture_output=True,
+                             text=True, timeout=300, cwd=REPO)
+    assert default.returncode == 0, default.stderr[-2000:]
+    # without --samples a replay runs 64 trials per group (the documented default)
+    assert json.loads(default.stdout.splitlines()[-1])["trials"] == 64
 
 
 def test_a_real_study_is_measured_like_its_replays(tmp_path):

@@ -6,10 +6,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 storage="${1:-/tmp/kdsearch-bank}"
 data="imagefolder:${KDSEARCH_DATA_DIR:-$here/../../../shared/data/cifar10-jpeg}"
-for study in bank seed1 seed2; do
+# What was run, in this order (2026-12-02): bank (study curves, stopped after 33 kd and 32 at of
+# its 48; a rebuild runs all 48), seed1 (curves-seed1, stopped after 8 kd and 7 at), bank-b
+# (curves-b: 17 more per group from a second Sobol scramble), seed2 (curves-seed2), and
+# seed1-at8 (the one at configuration curves-seed1 did not finish).
+for study in bank seed1 bank-b seed2 seed1-at8; do
   kdsearch tune --preset laptop --data "$data" --storage "$storage" --config "$here/$study.toml"
 done
-# Status (docs/PERFORMANCE.md, "The bank"): on 2026-12-02 study `curves` was stopped after
-# 33 kd and 32 at configurations and committed as results/curves/curves. Continue it with a
-# second design study (its own Sobol scramble, no warm start), e.g. study = "curves-b",
-# seed = 1, samples = 16, then the two seed studies.

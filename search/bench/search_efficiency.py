@@ -39,6 +39,7 @@ from search.bench.replay import (
 
 DEFAULT_BANK = "results/curves"
 QUANTILE = 90  # q: this percentile of the bank's final validation accuracies
+SAMPLES = 64  # trials per group of one replay unless --samples says otherwise
 
 _WORKER: dict[str, Any] = {}  # the forked workers' banks, surrogates and settings
 
@@ -175,7 +176,7 @@ def cmd_bench_search(args) -> int:
                   f"surrogate {surrogate.name}: leave-one-out RMSE of the final val acc "
                   f"{100 * chosen['rmse_final']:.2f} pts (seed std {100 * noise[-1]:.2f}), "
                   f"Spearman {chosen['spearman_final']:.2f}; q = {100 * q:.2f}%", flush=True)
-    settings = {"samples": args.samples, "grace_period": args.grace,
+    settings = {"samples": args.samples or SAMPLES, "grace_period": args.grace,
                 "reduction_factor": args.reduction_factor, "n_startup": args.n_startup}
     if args.real:
         return check_real(args, banks, config, report, out_dir, t0)
