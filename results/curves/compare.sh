@@ -23,3 +23,5 @@ for g in 1 2 4; do
       > "$out/asha-g$g-r$r.jsonl"
   done
 done
+# 4. the tables of docs/PERFORMANCE.md from the JSON lines above
+python "$here/efficiency_table.py" "$out" > "$out/TABLES.md"
