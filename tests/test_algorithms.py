@@ -62,12 +62,12 @@ def sim(store: Path, study: str, **settings):
 def test_n_startup_default_is_a_quarter_of_the_trials_between_2_and_10():
     assert [default_n_startup(n) for n in (1, 4, 8, 12, 16, 32, 40, 48, 200)] == [
         2, 2, 2, 3, 4, 8, 10, 10, 10]
-    assert load_study_config("laptop", None, {}).n_startup == 2  # 8 trials: 6 not random
+    assert load_study_config("laptop", None, {}).n_startup == 3  # 12 trials: 9 not random
     assert load_study_config("paper", None, {}).n_startup == 10
     assert load_study_config("laptop", None, {"n_startup": 5}).n_startup == 5
     # fixed when the config is made: a study that grows keeps what it ran with
     stored = load_study_config("laptop", None, {"study": "s"}).to_dict()
-    assert settle(stored, {"samples": 40}).n_startup == 2
+    assert settle(stored, {"samples": 40}).n_startup == 3  # not 10, the default at 40
 
 
 def test_durations_parse_to_seconds():

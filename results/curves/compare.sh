@@ -23,5 +23,10 @@ for g in 1 2 4; do
       > "$out/asha-g$g-r$r.jsonl"
   done
 done
-# 4. the tables of docs/PERFORMANCE.md from the JSON lines above
+# 4. trials per group (the presets' samples), TPE + ASHA on 2 slots
+for n in 8 12 16 24 32; do
+  kdsearch bench --search --bank "$here" --strategies tpe+asha --samples "$n" --slots 2 \
+    --seeds 30 --json --out "$out/samples-$n" > "$out/samples-$n.jsonl"
+done
+# 5. the tables of docs/PERFORMANCE.md from the JSON lines above
 python "$here/efficiency_table.py" "$out" > "$out/TABLES.md"

@@ -7,6 +7,7 @@ efficiency") from the JSON lines that results/curves/compare.sh writes.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -42,12 +43,17 @@ def strategy_table(all_rows: list[dict], group: str) -> list[str]:
     strategies = list(dict.fromkeys(r["strategy"] for r in mine))
     by = {(r["strategy"], r["slots"]): r for r in mine}
     head = " | ".join(f"S={s}: speedup [95% CI], reached, epochs to q" for s in slots)
-    out = [f"| {group} strategy | {head} | final % at S={slots[-1]}, median [IQR] |",
-           "|---" * (len(slots) + 2) + "|"]
+    out = [f"| {group} strategy | {head} |", "|---" * (len(slots) + 1) + "|"]
     for s in strategies:
         cells = [f"{speedup(by[s, n])}, {100 * by[s, n]['reached']:.0f}%, {epochs(by[s, n])}"
                  for n in slots]
-        out.append(f"| {s} | {' | '.join(cells)} | {final(by[s, slots[-1]])} |")
+        out.append(f"| {s} | {' | '.join(cells)} |")
+    head = " | ".join(f"S={s}" for s in slots)
+    out += ["", f"| {group}: final selection's expected val acc %, median [IQR] | {head} | "
+            "epochs spent at S=" + str(slots[0]) + " |", "|---" * (len(slots) + 2) + "|"]
+    for s in strategies:
+        cells = [final(by[s, n]) for n in slots]
+        out.append(f"| {s} | {' | '.join(cells)} | {by[s, slots[0]]['total_epochs']:.0f} |")
     return out
 
 
@@ -55,7 +61,10 @@ def sweep_table(folder: Path, pattern: str, label: str) -> list[str]:
     """One row per sweep file and strategy: speedup, reached, epochs to q, final."""
     out = [f"| {label} | group | strategy | speedup [95% CI] | reached | epochs to q | "
            "final %, median [IQR] |", "|---|---|---|---|---|---|---|"]
-    for path in sorted(folder.glob(pattern)):
+    def natural(path: Path) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.stem)]
+
+    for path in sorted(folder.glob(pattern), key=natural):
         for r in rows(path):
             if r["strategy"] == "random":
                 continue
@@ -69,7 +78,8 @@ def main(folder: Path) -> None:
     for group in dict.fromkeys(r["group"] for r in everything):
         print("\n".join(strategy_table(everything, group)), end="\n\n")
     print("\n".join(sweep_table(folder, "startup-*.jsonl", "TPE startup")), end="\n\n")
-    print("\n".join(sweep_table(folder, "asha-*.jsonl", "ASHA")))
+    print("\n".join(sweep_table(folder, "asha-*.jsonl", "ASHA")), end="\n\n")
+    print("\n".join(sweep_table(folder, "samples-*.jsonl", "trials per group")))
 
 
 if __name__ == "__main__":

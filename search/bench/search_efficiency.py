@@ -105,6 +105,7 @@ def plot(path: Path, curves: dict[tuple[str, int], dict[str, Any]], strategies: 
     against simulated hours; median lines with interquartile bands; q dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     keys = sorted(curves, key=lambda k: (k[0], k[1]))
     fig = Figure(figsize=(3.6 * len(keys), 6.4), layout="constrained")
@@ -119,17 +120,23 @@ def plot(path: Path, curves: dict[tuple[str, int], dict[str, Any]], strategies: 
                 b = curves[key][strategy][axis]
                 x = np.array(b["grid"]) / (3600.0 if axis == "seconds" else 1.0)
                 style = {"ls": "--"} if "+" not in strategy else {}
-                ax.plot(x, 100 * np.array(b["median"]), color=colors[strategy], lw=1.2,
+                ax.plot(x, 100 * np.array(b["median"], float), color=colors[strategy], lw=1.2,
                         label=strategy, **style)
-                ax.fill_between(x, 100 * np.array(b["q25"]), 100 * np.array(b["q75"]),
-                                color=colors[strategy], alpha=0.08)
+                ax.fill_between(x, 100 * np.array(b["q25"], float),
+                                100 * np.array(b["q75"], float), color=colors[strategy],
+                                alpha=0.08)
             ax.axhline(100 * targets[group], color="k", ls=":", lw=0.8)
             ax.set_xscale("log")
+            # ticks at 1, 2 and 5 per decade as plain numbers (Matplotlib's minor labels overlap)
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{group}, {slots} slots", fontsize=9)
             ax.set_xlabel("epochs consumed" if axis == "epochs" else "simulated hours")
             if col == 0:
                 ax.set_ylabel("expected val acc of selection (%)")
-    axes[0][0].legend(fontsize=6, ncol=2)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(strategies), fontsize=8)
     fig.savefig(path, dpi=120)
 
 

@@ -47,7 +47,7 @@ SCHEDULERS = ("asha", "hyperband", "median", "none")
 
 def default_n_startup(samples: int) -> int:
     """Random startup trials per group when ``n_startup`` is not set: a quarter of the
-    group's trials, at least 2 and at most Optuna's default of 10 (so 8 trials get 2)."""
+    group's trials, at least 2 and at most Optuna's default of 10 (so 12 trials get 3)."""
     return min(10, max(2, int(samples) // 4))
 
 
