@@ -317,3 +317,17 @@ def test_the_committed_bank_loads():
         assert bank.max_epochs == 8 and bank.curves.shape[1] == 8
         assert ((bank.positions >= 0) & (bank.positions <= 1)).all()
         assert ((bank.curves > 0.1) & (bank.curves < 1)).all()  # better than chance
+
+
+def test_the_committed_comparison_rebuilds_the_tables_of_performance_md():
+    # docs/PERFORMANCE.md "Search efficiency" quotes results/curves/efficiency/TABLES.md, which
+    # efficiency_table.py makes from the committed JSON lines of compare.sh
+    script = REPO / "results" / "curves" / "efficiency_table.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    committed = (REPO / "results" / "curves" / "efficiency" / "TABLES.md").read_text()
+    assert done.stdout == committed
+    doc = (REPO / "docs" / "PERFORMANCE.md").read_text()
+    strategy_tables = committed.split("\n\n")[:4]  # kd and at: speedups, final selections
+    assert len(strategy_tables) == 4 and all(table in doc for table in strategy_tables)
