@@ -16,6 +16,7 @@ from analysis.stats import (
     teacher_gap,
 )
 from analysis.tables import Study, latest_attempt, load_study
+from analysis.versus import compare_studies, replication
 
 __all__ = [
     "GROUPS",
@@ -23,6 +24,7 @@ __all__ = [
     "Study",
     "best_configs",
     "compare_groups",
+    "compare_studies",
     "export_comparison",
     "group_outcomes",
     "health_check",
@@ -36,6 +38,7 @@ __all__ = [
     "plot_robustness",
     "plot_test_accuracy",
     "range_positions",
+    "replication",
     "share_by_weight",
     "teacher_gap",
     "write_report",

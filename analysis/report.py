@@ -38,6 +38,7 @@ from analysis.stats import (
     teacher_gap,
 )
 from analysis.tables import Study, load_study, read_config, resolve
+from analysis.versus import ALPHA, compare_studies, replication, tuned_settings
 
 Formatter = Callable[[object], str]
 STATUSES: tuple[str, ...] = (*USABLE_STATUSES, "failed", "diverged")
@@ -437,6 +438,64 @@ def robustness_section(robustness: pd.DataFrame, groups: list[str]) -> list[str]
             markdown_table(table, formats), ""]
 
 
+def versus_section(reference: Study, study: Study) -> list[str]:
+    """This study against a reference study of the same groups (``kdsearch analyze --versus``):
+    test accuracy, the paired tests of each, and each group's tuned settings in both."""
+    ref_name, name = reference.name or "reference", study.name or "this study"
+    lines = [f"## Against study `{ref_name}`", ""]
+    groups = ordered_groups([*reference.config.get("groups", []), *study.config.get("groups", [])])
+    accuracy = compare_studies(reference.runs, study.runs, groups)
+    if accuracy.empty:
+        return [*lines, f"No group has reproduced runs in both `{ref_name}` and `{name}`.", ""]
+    formats: dict[str, Formatter] = {c: ACC for c in accuracy.columns}
+    formats |= {"group": str, "n_ref": fmt_count, "n": fmt_count, "p_welch": PVALUE,
+                "p_welch_holm": PVALUE}
+    m = int(accuracy["p_welch"].notna().sum())
+    lines += [
+        f"Test accuracy (percent) of each group's reproduce runs in `{ref_name}` (`*_ref`) "
+        f"and in `{name}`, with 95% t intervals. `diff` is `{name}` minus `{ref_name}`: the "
+        "two studies' runs are independent samples (their own searches, teachers and "
+        "configurations), so the interval and `p_welch` come from Welch's unequal-variance "
+        f"t-test, not a pairing by seed; `p_welch_holm` adjusts over the {m} groups with a "
+        "p-value.",
+        "",
+        markdown_table(accuracy, formats),
+        "",
+    ]
+    tests = replication(reference.runs, study.runs, groups)
+    if not tests.empty:
+        lines += [
+            "Each study's paired tests (\"Test accuracy over seeds\": `diff` = `group` − "
+            f"`reference`, Holm-adjusted p), side by side. `verdict` at {ALPHA:g} on the Holm "
+            "p-values: `replicated` (significant in both, same sign), `reversed`, `not "
+            f"replicated` (only in `{ref_name}`), `new` (only in `{name}`), `neither`, or "
+            "`undefined` (no p-value).",
+            "",
+            markdown_table(tests, {"diff_ref": ACC, "diff": ACC, "p_holm_ref": PVALUE,
+                                   "p_holm": PVALUE}),
+            "",
+        ]
+    settings = tuned_settings(reference.trials, reference.config.get("max_epochs"),
+                              study.trials, study.config.get("max_epochs"), (ref_name, name))
+    if not settings.empty:
+        trials = pd.concat([reference.trials, study.trials], ignore_index=True)
+        constant = [f"cfg_{p}" for p in TRAINING_PARAMS
+                    if f"cfg_{p}" not in trials or trials[f"cfg_{p}"].nunique() <= 1]
+        settings = settings.drop(columns=[c for c in CFG_COLUMNS if c in settings
+                                          and (settings[c].isna().all() or c in constant)])
+        settings = settings.assign(best_val_acc=pd.to_numeric(settings["best_val_acc"]) * 100)
+        lines += [
+            "Each group's selected configuration in both studies (\"Best configuration per "
+            "group\": best validation accuracy, percent, among full-budget trials), the "
+            "settings `kdsearch reproduce` trained.",
+            "",
+            markdown_table(settings, {"best_val_acc": ACC, "best_epoch": fmt_count,
+                                      "epochs_run": fmt_count, "seed": fmt_count}),
+            "",
+        ]
+    return lines
+
+
 def figures_section(figures: Mapping[str, Path | None]) -> list[str]:
     """Image links to every figure that was drawn."""
     drawn = [(title, path) for title, path in figures.items() if path is not None]
@@ -477,8 +536,11 @@ def default_out_dir(study_dir: str | Path) -> Path:
 
 
 def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
-                 fmt: str = "md") -> Path:
-    """Write ``report.md`` and its PNG figures; returns the report's path."""
+                 fmt: str = "md", versus: str | Path | None = None) -> Path:
+    """Write ``report.md`` and its PNG figures; returns the report's path.
+
+    ``versus``, another study's directory, adds a section comparing this study with it
+    (:func:`versus_section`)."""
     if fmt != "md":
         raise ValueError(f"unsupported report format {fmt!r} (only 'md')")
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dir)
@@ -506,6 +568,8 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None,
     lines += ranges_section(study)
     lines += status_section(study.trials, outcomes)
     lines += robustness_section(study.robustness, groups)
+    if versus is not None:
+        lines += versus_section(load_study(versus), study)
     lines += figures_section(draw_figures(study, comparison, out))
     return Path(write_text(out / "report.md", "\n".join(lines).rstrip() + "\n"))
 

@@ -22,6 +22,7 @@ from analysis import (
     PAPER_ACC,
     best_configs,
     compare_groups,
+    compare_studies,
     export_comparison,
     group_outcomes,
     health_check,
@@ -34,10 +35,12 @@ from analysis import (
     plot_robustness,
     plot_test_accuracy,
     range_positions,
+    replication,
     share_by_weight,
     teacher_gap,
     write_report,
 )
+from analysis.versus import NEITHER, NEW, NOT_REPLICATED, REPLICATED, REVERSED, UNDEFINED, verdict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MAX_EPOCHS = 4
@@ -791,3 +794,76 @@ def test_paper_numbers_only_for_cifar10(study_dir: Path, tmp_path: Path,
     assert all(("paper" in row) is cifar10 for row in exported) and len(exported) == 5
     if cifar10:
         assert exported[0]["paper"] == PAPER_ACC["baseline"]
+
+
+# ---------------------------------------------------------------- one study against another
+# (analysis.versus, kdsearch analyze --versus): Welch's test by hand, Holm over groups, and
+# the verdicts on each study's paired tests.
+
+
+def test_compare_studies_is_welchs_test_by_hand_with_holm_over_groups() -> None:
+    # kd: reference 50, 52, 54 (mean 52, variance 4); this 55, 56, 57, 58 (mean 56.5,
+    # variance 5/3). se^2 = 4/3 + (5/3)/4 = 21/12; Welch-Satterthwaite
+    # df = se^4 / ((4/3)^2 / 2 + (5/12)^2 / 3) = 3.0625 / 0.9467593 = 3.23472.
+    # at: the same three values in both (diff 0, t 0, p 1). Holm over the two p-values:
+    # kd 2 x p, at max(2 p, 1) = 1. baseline: zero variance on both sides (no p, not in the
+    # family); fa: runs in one study only (no row).
+    reference = runs_frame({"kd": {1: 0.50, 2: 0.52, 3: 0.54}, "at": {1: 0.60, 2: 0.61, 3: 0.62},
+                            "baseline": {1: 0.45, 2: 0.45}, "fa": {1: 0.5, 2: 0.6}})
+    this = runs_frame({"kd": {1: 0.55, 2: 0.56, 3: 0.57, 4: 0.58},
+                       "at": {1: 0.60, 2: 0.61, 3: 0.62}, "baseline": {1: 0.47, 2: 0.47}})
+    se, df = math.sqrt(21 / 12), 1.75 ** 2 / ((4 / 3) ** 2 / 2 + (5 / 12) ** 2 / 3)
+    assert df == pytest.approx(3.23472, abs=1e-5)
+    p = 2 * sps.t.sf(4.5 / se, df)
+    half = sps.t.ppf(0.975, df) * se
+
+    table = compare_studies(reference, this).set_index("group")
+    assert list(table.index) == ["baseline", "kd", "at"]
+    kd = table.loc["kd"]
+    assert (kd["n_ref"], kd["n"]) == (3, 4)
+    assert kd["mean_ref"] == pytest.approx(52) and kd["mean"] == pytest.approx(56.5)
+    assert kd["ci_low_ref"] == pytest.approx(52 - sps.t.ppf(0.975, 2) * 2 / math.sqrt(3))
+    assert kd["diff"] == pytest.approx(4.5)
+    assert kd["diff_ci_low"] == pytest.approx(4.5 - half, rel=1e-9)
+    assert kd["diff_ci_high"] == pytest.approx(4.5 + half, rel=1e-9)
+    assert kd["p_welch"] == pytest.approx(p, rel=1e-9)
+    assert kd["p_welch_holm"] == pytest.approx(2 * p, rel=1e-9)
+    assert table.loc["at", "diff"] == pytest.approx(0, abs=1e-12)
+    assert table.loc["at", "p_welch_holm"] == pytest.approx(1.0)
+    base = table.loc["baseline"]
+    assert base["diff"] == pytest.approx(2.0)
+    assert np.isnan([base["diff_ci_low"], base["p_welch"], base["p_welch_holm"]]).all()
+
+
+@pytest.mark.parametrize(("diff_ref", "p_ref", "diff", "p", "expected"), [
+    (4.8, 0.01, 3.0, 0.03, REPLICATED), (4.8, 0.01, -3.0, 0.03, REVERSED),
+    (4.8, 0.01, 3.0, 0.20, NOT_REPLICATED), (1.2, 0.60, 3.0, 0.01, NEW),
+    (1.2, 0.60, 3.0, 0.06, NEITHER), (1.2, math.nan, 3.0, 0.01, UNDEFINED),
+    (4.8, 0.049, 3.0, 0.05, NOT_REPLICATED),  # p < alpha is significant, p = alpha is not
+])
+def test_verdict(diff_ref: float, p_ref: float, diff: float, p: float, expected: str) -> None:
+    assert verdict(diff_ref, p_ref, diff, p) == expected
+
+
+def test_replication_puts_each_studys_holm_adjusted_tests_side_by_side() -> None:
+    # Reference (the hand-computed study of test_analysis): paired differences over seeds 0-2
+    # kd - baseline (1, 2, 3) Holm p 0.0741799; at - baseline (6, 8, 10) 0.0404082;
+    # at - kd (5, 6, 7) 0.0273978. This study: kd - baseline (1, 2, 3) again; at - kd
+    # (-5, -6, -7): raw p 0.0091326 as before; at - baseline (-4, -4, -4) has zero variance,
+    # so no p, and the family is two tests: at - kd 2 x 0.0091326 = 0.0182652,
+    # kd - baseline max(0.0182652, 0.0741799).
+    reference = runs_frame({"baseline": {0: 0.80, 1: 0.81, 2: 0.79},
+                            "kd": {0: 0.81, 1: 0.83, 2: 0.82}, "at": {0: 0.86, 1: 0.89, 2: 0.89}})
+    this = runs_frame({"baseline": {0: 0.80, 1: 0.81, 2: 0.79},
+                       "kd": {0: 0.81, 1: 0.83, 2: 0.82}, "at": {0: 0.76, 1: 0.77, 2: 0.75}})
+    table = replication(reference, this).set_index(["group", "reference"])
+    assert table.loc[("kd", "baseline"), "verdict"] == NEITHER
+    assert table.loc[("kd", "baseline"), "p_holm"] == pytest.approx(0.0741799, abs=1e-7)
+    assert table.loc[("at", "kd"), "diff_ref"] == pytest.approx(6.0)
+    assert table.loc[("at", "kd"), "diff"] == pytest.approx(-6.0)
+    assert table.loc[("at", "kd"), "p_holm_ref"] == pytest.approx(0.0273978, abs=1e-7)
+    assert table.loc[("at", "kd"), "p_holm"] == pytest.approx(0.0182652, abs=1e-7)
+    assert table.loc[("at", "kd"), "verdict"] == REVERSED
+    assert table.loc[("at", "baseline"), "p_holm_ref"] == pytest.approx(0.0404082, abs=1e-7)
+    assert math.isnan(table.loc[("at", "baseline"), "p_holm"])
+    assert table.loc[("at", "baseline"), "verdict"] == UNDEFINED

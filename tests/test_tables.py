@@ -386,6 +386,17 @@ def test_analyze_imports_neither_torch_nor_ray(tmp_path: Path) -> None:
     assert bad.stderr.count("\n") == 1 and "no study.json" in bad.stderr
 
 
+def test_analyze_versus_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    write_parts(str(tmp_path / "s"), epochs_per_group=2)
+    for extra, message in ((("--versus", "nope"), "--versus: study: no study.json in"),
+                           (("--versus", "s"), "--versus: a study compared with itself"),
+                           (("--versus", "s2", "--format", "csv"), "--versus: only with")):
+        bad = run_cli("analyze", "--storage", str(tmp_path), "--study", "s", *extra)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, (extra, bad.stderr)
+        assert message in bad.stderr, (extra, bad.stderr)
+    assert not (tmp_path / "s" / "report").exists()
+
+
 def test_compact_command(tmp_path: Path) -> None:
     study = str(tmp_path / "s")
     write_parts(study, epochs_per_group=20)

@@ -12,10 +12,20 @@ from search.store.files import existing_study
 
 def cmd_analyze(args) -> int:
     study_dir = existing_study(args.storage, args.study)
+    versus = getattr(args, "versus", None)
+    if versus is not None:
+        if args.format != "md":
+            raise ValueError("--versus: only with --format md (the report)")
+        if versus == args.study:
+            raise ValueError("--versus: a study compared with itself")
+        try:
+            versus = existing_study(args.storage, versus)
+        except ValueError as err:
+            raise ValueError(f"--versus: {err}") from None
     from analysis import export_comparison, write_report
 
     if args.format in ("csv", "json"):
         print(export_comparison(study_dir, args.format))
         return 0
-    print(f"report: {write_report(study_dir, args.out)}")
+    print(f"report: {write_report(study_dir, args.out, versus=versus)}")
     return 0

@@ -172,6 +172,9 @@ def _analyze(sub) -> None:
         default="md",
         help="md writes the report; csv/json print the comparison table",
     )
+    p.add_argument("--versus", default=None, metavar="STUDY",
+                   help="add a section comparing the study with STUDY (another study under "
+                        "--storage): test accuracy, paired tests and tuned settings (md only)")
 
 
 def _run(sub) -> None:
