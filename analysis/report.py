@@ -268,18 +268,24 @@ def budget_words(max_epochs: object) -> str:
     return f"the study's full budget of {max_epochs} epochs (`max_epochs`)"
 
 
+def shown_picks(picks: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """``picks`` (selected trials) as a report shows them: validation accuracy in percent,
+    without the ``cfg_`` columns no pick has, nor a training setting that no trial of
+    ``trials`` varied (the study's own setting)."""
+    constant = [f"cfg_{p}" for p in TRAINING_PARAMS
+                if f"cfg_{p}" not in trials or trials[f"cfg_{p}"].nunique() <= 1]
+    shown = picks.drop(columns=[c for c in CFG_COLUMNS if c in picks
+                                and (picks[c].isna().all() or c in constant)])
+    return shown.assign(best_val_acc=pd.to_numeric(shown["best_val_acc"]) * 100)
+
+
 def best_section(outcomes: pd.DataFrame, max_epochs: object,
                  trials: pd.DataFrame | None = None) -> list[str]:
     """Best trial per group, selected on validation accuracy; every group has a row."""
     lines = ["## Best configuration per group", ""]
     if outcomes.empty:
         return [*lines, "No trials recorded.", ""]
-    # A training setting no trial varied is the study's own setting: not shown.
-    trials = outcomes if trials is None or trials.empty else trials
-    constant = [f"cfg_{p}" for p in TRAINING_PARAMS if trials[f"cfg_{p}"].nunique() <= 1]
-    shown = outcomes.drop(columns=[c for c in CFG_COLUMNS
-                                   if outcomes[c].isna().all() or c in constant])
-    shown = shown.assign(best_val_acc=pd.to_numeric(shown["best_val_acc"]) * 100)
+    shown = shown_picks(outcomes, outcomes if trials is None or trials.empty else trials)
     lines += [
         f"Selected on validation accuracy (percent) among each group's full-budget trials: "
         f"those that ran {budget_words(max_epochs)} or stopped on their own validation-loss "
@@ -478,12 +484,7 @@ def versus_section(reference: Study, study: Study) -> list[str]:
     settings = tuned_settings(reference.trials, reference.config.get("max_epochs"),
                               study.trials, study.config.get("max_epochs"), (ref_name, name))
     if not settings.empty:
-        trials = pd.concat([reference.trials, study.trials], ignore_index=True)
-        constant = [f"cfg_{p}" for p in TRAINING_PARAMS
-                    if f"cfg_{p}" not in trials or trials[f"cfg_{p}"].nunique() <= 1]
-        settings = settings.drop(columns=[c for c in CFG_COLUMNS if c in settings
-                                          and (settings[c].isna().all() or c in constant)])
-        settings = settings.assign(best_val_acc=pd.to_numeric(settings["best_val_acc"]) * 100)
+        settings = shown_picks(settings, pd.concat([reference.trials, study.trials]))
         lines += [
             "Each group's selected configuration in both studies (\"Best configuration per "
             "group\": best validation accuracy, percent, among full-budget trials), the "

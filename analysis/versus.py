@@ -16,7 +16,14 @@ import pandas as pd
 from scipy import stats as sps
 
 from analysis.constants import ordered_groups
-from analysis.stats import FULL, group_outcomes, holm, mean_ci, paired_tests
+from analysis.stats import (
+    FULL,
+    ZERO_VARIANCE_RTOL,
+    group_outcomes,
+    holm,
+    mean_ci,
+    paired_tests,
+)
 
 STUDY_COLUMNS: list[str] = [
     "group", "n_ref", "mean_ref", "ci_low_ref", "ci_high_ref", "n", "mean", "ci_low",
@@ -44,7 +51,8 @@ def welch(reference: np.ndarray, this: np.ndarray, level: float = 0.95
     if reference.size == 0 or this.size == 0:
         return (math.nan,) * 4
     diff = float(this.mean() - reference.mean())
-    if reference.size < 2 or this.size < 2 or (reference.std() == 0 and this.std() == 0):
+    flat = ZERO_VARIANCE_RTOL * max(1.0, abs(diff))  # as for paired tests (analysis.stats)
+    if reference.size < 2 or this.size < 2 or max(reference.std(), this.std()) <= flat:
         return diff, math.nan, math.nan, math.nan
     result = sps.ttest_ind(this, reference, equal_var=False)
     interval = result.confidence_interval(level)
@@ -117,10 +125,8 @@ def tuned_settings(reference_trials: pd.DataFrame, reference_epochs: int | None,
              ((reference_trials, reference_epochs, names[0]), (trials, max_epochs, names[1]))]
     both = pd.concat([p[p["basis"] == FULL] for p in picks], ignore_index=True)
     both = both.drop(columns=["basis", "status", "failed", "diverged", "first_error"])
-    if both.empty:
-        return both
+    # reference rows come first in ``both``: a stable sort by group keeps them first
     order = {g: i for i, g in enumerate(ordered_groups(both["group"]))}
-    both = both.sort_values(["group", "study"], key=lambda s: s.map(order) if s.name == "group"
-                            else s.map({names[0]: 0, names[1]: 1}), kind="stable")
+    both = both.sort_values("group", key=lambda g: g.map(order), kind="stable")
     columns = ["group", "study", *[c for c in both.columns if c not in ("group", "study")]]
     return both[columns].reset_index(drop=True)

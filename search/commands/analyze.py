@@ -12,7 +12,7 @@ from search.store.files import existing_study
 
 def cmd_analyze(args) -> int:
     study_dir = existing_study(args.storage, args.study)
-    versus = getattr(args, "versus", None)
+    versus = args.versus
     if versus is not None:
         if args.format != "md":
             raise ValueError("--versus: only with --format md (the report)")
